@@ -1,0 +1,30 @@
+# Two commands do all the set-up: `make demo` and `make test`. Each builds .venv first.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PREFIX ?= /usr/local
+
+.PHONY: all test lint demo bench clean install
+
+all: test
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ucspi tests bench bin/ucspi-launcher
+
+test: $(STAMP) lint
+	$(VPY) -m pytest -q
+
+demo: $(STAMP)
+	$(VPY) examples/demo.py
+
+bench: $(STAMP)
+	$(VPY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

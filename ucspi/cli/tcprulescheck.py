@@ -1,0 +1,39 @@
+"""tcprulescheck CDB: show which rule applies to the client in TCPREMOTEIP/HOST/INFO (spec 4)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import cdbx
+
+from ucspi.errors import EXIT_PERMANENT, EXIT_TEMPORARY, die, error_text
+from ucspi.rules.lookup import describe, find_rule
+
+USAGE = b"tcprulescheck: usage: tcprulescheck rules.cdb"
+
+
+@click.command(context_settings={"help_option_names": [], "ignore_unknown_options": True})
+@click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
+def tcprulescheck(arguments: tuple[str, ...]) -> None:
+    """Look up the client described by the environment in CDB and print the rule."""
+    if not arguments:
+        die(USAGE, EXIT_PERMANENT)
+    cdb_path = os.fsencode(arguments[0])
+    environ = os.environb
+    ip = environ.get(b"TCPREMOTEIP", b"0.0.0.0")
+    try:
+        rules = cdbx.CDB(cdb_path, mmap=False)
+        try:
+            decision = find_rule(rules.get, ip, environ.get(b"TCPREMOTEHOST"), environ.get(b"TCPREMOTEINFO"))
+        finally:
+            rules.close()
+    except OSError as error:
+        die(b"tcprulescheck: fatal: unable to read " + cdb_path + b": " + error_text(error).encode(), EXIT_TEMPORARY)
+    sys.stdout.buffer.write(describe(decision))
+    sys.stdout.buffer.flush()
+
+
+def main() -> None:
+    tcprulescheck.main(["--", *sys.argv[1:]], prog_name="tcprulescheck")
