@@ -1,0 +1,265 @@
+"""Shared test helpers: where our commands and the original's are, and how to run them.
+
+Test modules import these directly (`from conftest import ...`): pytest puts tests/ on sys.path
+because tests/ has no __init__.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+TOP = Path(__file__).resolve().parent.parent
+OUR_BIN = TOP / "bin"
+# Debian's ucspi-tcp 1:0.88-7, the reference every compat test compares with.
+ORIGINAL_BIN = Path("/usr/bin")
+
+# Hypothesis: no example database in the tree, no deadline (our commands are subprocesses whose
+# start-up time varies with machine load). UCSPI_FUZZ_EXAMPLES raises the count for a long run.
+FUZZ_EXAMPLES = int(os.environ.get("UCSPI_FUZZ_EXAMPLES", "120"))
+settings.register_profile(
+    "ucspi-fuzz",
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
+# In-process properties are cheap: more examples by default, scaled the same way.
+settings.register_profile("ucspi-unit", parent=settings.get_profile("ucspi-fuzz"), max_examples=4 * FUZZ_EXAMPLES)
+FUZZ = settings.get_profile("ucspi-fuzz")
+UNIT = settings.get_profile("ucspi-unit")
+
+
+def our_command(name: str) -> Path:
+    """Our command run from the checkout (bin/NAME is the launcher)."""
+    return OUR_BIN / name
+
+
+def original_command(name: str) -> Path | None:
+    """The original's command, or None when it is not installed here."""
+    path = ORIGINAL_BIN / name
+    return path if os.access(path, os.X_OK) else None
+
+
+def command_environment(variables: Mapping[bytes, bytes] | None = None) -> dict[bytes, bytes]:
+    """A minimal environment: PATH only (the launcher needs it to find python3), plus variables."""
+    environment = {b"PATH": os.environb.get(b"PATH", b"/usr/local/bin:/usr/bin:/bin")}
+    environment.update(variables or {})
+    return environment
+
+
+def run_command(
+    argv: Sequence[str | os.PathLike[str]],
+    stdin: bytes = b"",
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    environment: Mapping[bytes, bytes] | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a command with stdin bytes; capture stdout and stderr as bytes."""
+    return subprocess.run(
+        [os.fspath(part) for part in argv],
+        input=stdin,
+        capture_output=True,
+        cwd=cwd,
+        env=command_environment() if environment is None else dict(environment),
+        timeout=timeout,
+        check=False,
+    )
+
+
+def djb_hash(data: bytes) -> int:
+    """cdb's hash (spec 2.2), written out here so tests do not trust the code they test."""
+    h = 5381
+    for byte in data:
+        h = (((h << 5) + h) & 0xFFFFFFFF) ^ byte
+    return h
+
+
+# ---- Rules files for hypothesis (spec 3.2-3.4) ----
+
+# Octets a range or an IP may hold, edges included: over 255, leading zeros, around 2**32 and
+# 2**64 (scan_ulong wraps at 64 bits), since the range rule clamps only the top (spec 3.4).
+_NUMBER_EDGES = [
+    b"0", b"1", b"9", b"10", b"99", b"127", b"254", b"255", b"256", b"300", b"999",
+    b"00", b"01", b"007", b"0255", b"4294967295", b"4294967296", b"4294967297",
+    b"18446744073709551615", b"18446744073709551616", b"18446744073709551617", b"99999999999999999999999",
+]
+# Range parts tcprules rejects, and a NUL that scan_ulong stops at (kept out of valid files).
+_BAD_NUMBERS = [b"x", b" 4", b"4 ", b"+4", b"-4", b"4-", b"0x10", b"\xb2", b"1\x00x", b"\x00"]
+
+
+def _octets() -> st.SearchStrategy[bytes]:
+    return st.one_of(st.integers(0, 255).map(lambda number: b"%d" % number), st.sampled_from(_NUMBER_EDGES))
+
+
+def _ip_like() -> st.SearchStrategy[bytes]:
+    return st.lists(_octets(), min_size=1, max_size=5).map(b".".join)
+
+
+def _range_address(valid_only: bool) -> st.SearchStrategy[bytes]:
+    number = st.one_of(st.just(b""), _octets())
+    if not valid_only:
+        number = st.one_of(number, st.sampled_from(_BAD_NUMBERS))
+    # After the range a second "a-b" is literal text (spec 3.4, `1-2.3-4.`).
+    after = st.one_of(_octets(), st.tuples(_octets(), _octets()).map(b"-".join))
+    return st.builds(
+        lambda before, bottom, top, tail, dot: b"".join(part + b"." for part in before)
+        + bottom
+        + b"-"
+        + top
+        + b"".join(b"." + part for part in tail)
+        + (b"." if dot else b""),
+        st.lists(_octets(), max_size=3),
+        number,
+        number,
+        st.lists(after, max_size=3),
+        st.booleans(),
+    )
+
+
+def _host() -> st.SearchStrategy[bytes]:
+    label = st.one_of(
+        st.text("abcxyz0129-_", max_size=6).map(str.encode),
+        st.sampled_from([b"Example", b"COM", b"a\xe9b", b"a-b", b""]),
+    )
+    return st.lists(label, min_size=1, max_size=4).map(b".".join)
+
+
+def _user() -> st.SearchStrategy[bytes]:
+    return st.one_of(st.text("joe.x-", max_size=5).map(str.encode), st.sampled_from([b"", b"Joe", b"a b"]))
+
+
+def _verbatim_address(valid_only: bool) -> st.SearchStrategy[bytes]:
+    """Any bytes but ':' and newline; '/' is left out (it makes a CIDR rule, differences.md 5)."""
+    alphabet = [b" ", b"\t", b"\r", b"\x00", b"\xff", b"\x80", b"#", b".", b",", b"=", b"@", b"a", b"1", b"-"]
+    if valid_only:
+        alphabet.remove(b"-")  # a '-' would make it a range, mostly an unparsable one
+    return st.lists(st.sampled_from(alphabet), max_size=8).map(b"".join)
+
+
+def addresses(valid_only: bool = True) -> st.SearchStrategy[bytes]:
+    """The address part of a rule: every form of spec 3.3, ranges, and odd verbatim keys."""
+    return st.one_of(
+        _ip_like(),
+        _ip_like().map(lambda ip: ip + b"."),
+        _range_address(valid_only),
+        st.just(b""),
+        st.just(b"="),
+        _host().map(lambda host: b"=" + host),
+        _host().map(lambda host: b"=." + host),
+        st.builds(lambda user, ip: user + b"@" + ip, _user(), st.one_of(_ip_like(), _range_address(True))),
+        st.builds(lambda user, host: user + b"@=" + host, _user(), _host()),
+        st.builds(lambda spaces, ip: spaces + ip, st.sampled_from([b" ", b"  ", b"\t"]), _ip_like()),
+        _verbatim_address(valid_only),
+    )
+
+
+_NAMES = [b"RELAYCLIENT", b"TCPLOCALHOST", b"X", b"", b"A,B", b"FOO,BAR", b"a b", b"\xe9"]
+
+
+@st.composite
+def _variable(draw: st.DrawFn, last: bool) -> bytes:
+    """`,NAME=dVALUEd`: the name stops at the first '=', d is any byte but newline (spec 3.2)."""
+    name = draw(st.one_of(st.sampled_from(_NAMES), st.binary(max_size=6)))
+    name = name.replace(b"=", b"").replace(b"\n", b"")
+    forbidden = {10}
+    if last:
+        forbidden |= {9, 32}  # tcprules strips a closing space or tab at the end of the line
+    delimiter = draw(
+        st.one_of(
+            st.sampled_from([b'"', b"/", b"+", b"=", b",", b":", b" ", b"x", b"\x00", b"\r", b"\xff"]),
+            st.integers(0, 255).map(lambda byte: bytes([byte])),
+        ).filter(lambda byte: byte[0] not in forbidden)
+    )
+    value = draw(st.one_of(st.sampled_from([b"", b"movie.edu", b"a,b=c:d", b"  spaced  "]), st.binary(max_size=8)))
+    value = value.replace(delimiter, b"").replace(b"\n", b"")
+    return b"," + name + b"=" + delimiter + value + delimiter
+
+
+@st.composite
+def instructions(draw: st.DrawFn) -> bytes:
+    """`allow` or `deny`, then zero or more variables."""
+    count = draw(st.integers(0, 3))
+    variables = [draw(_variable(last=index == count - 1)) for index in range(count)]
+    return draw(st.sampled_from([b"allow", b"deny"])) + b"".join(variables)
+
+
+# Instructions tcprules rejects (spec 3.2 steps 5-7, 9.4).
+_BAD_INSTRUCTIONS = [
+    b"", b"Allow", b"DENY", b"allo", b"allowx", b"allow x", b" allow", b"allow,", b"deny,FOO", b"allow,X=",
+    b'allow,X="abc', b'allow,X="a"b', b'allow,X="a",', b"allow\r", b'deny,X="y"\r', b"allow:deny",
+]
+
+
+def _trailing_blanks() -> st.SearchStrategy[bytes]:
+    return st.sampled_from([b"", b"", b" ", b"\t", b" \t  "])
+
+
+def _rule_line(valid_only: bool) -> st.SearchStrategy[bytes]:
+    instruction = instructions()
+    if not valid_only:
+        instruction = st.one_of(instruction, st.sampled_from(_BAD_INSTRUCTIONS))
+    return st.builds(lambda a, i, t: a + b":" + i + t, addresses(valid_only), instruction, _trailing_blanks())
+
+
+def _other_line() -> st.SearchStrategy[bytes]:
+    """Lines tcprules skips: comments, blank and whitespace-only lines, lines without a colon."""
+    free_text = st.binary(max_size=12).map(lambda text: text.replace(b"\n", b""))
+    return st.one_of(
+        free_text.map(lambda text: b"#" + text),
+        st.sampled_from([b"", b" ", b"\t", b" \t ", b"\r"]),
+        free_text.map(lambda text: text.replace(b":", b"")),
+    )
+
+
+def rule_files(valid_only: bool = True) -> st.SearchStrategy[bytes]:
+    """A rules file from the grammar; with valid_only=False some lines are ones tcprules rejects."""
+    line = st.one_of(_rule_line(valid_only), _rule_line(valid_only), _rule_line(valid_only), _other_line())
+    return st.builds(
+        lambda lines, newline: b"\n".join(lines) + (b"\n" if newline and lines else b""),
+        st.lists(line, max_size=8),
+        st.booleans(),  # a final line without a newline is still a line (spec 3.2)
+    )
+
+
+# Raw bytes, biased toward the characters the syntax cares about.
+_RAW_TOKENS = [
+    b":", b",", b"=", b"-", b".", b"@", b"#", b"\n", b"\r", b"\t", b" ", b"\x00", b'"', b"/",
+    b"0", b"1", b"2", b"5", b"9", b"25", b"255", b"256", b"\x80", b"\xff", b"\xe9", b"a", b"D", b"+",
+    b"allow", b"deny", b":allow", b":deny", b',X="', b"1.2.3.", b"=a.b",
+]
+
+
+def raw_rule_files() -> st.SearchStrategy[bytes]:
+    return st.lists(
+        st.one_of(st.sampled_from(_RAW_TOKENS), st.binary(min_size=1, max_size=1)), max_size=40
+    ).map(b"".join)
+
+
+# differences.md 5: our extended syntax takes the first ':' followed by allow/deny and then ','
+# or the end of the line. Where that is not the original's first ':', or where the address
+# holds a '/', a line may be meant as IPv6 or CIDR and the original's result is not the reference.
+_EXTENDED_INSTRUCTION = re.compile(rb":(?:allow|deny)(?:,|\Z)")
+
+
+def extended_syntax_may_apply(line: bytes) -> bool:
+    if not line or line[:1] == b"#":
+        return False
+    line = line.rstrip(b" \t")
+    found = _EXTENDED_INSTRUCTION.search(line)
+    if found is None:
+        return False
+    address = line[: found.start()]
+    return b":" in address or b"/" in address
+
+
+def without_extended_syntax(text: bytes) -> bytes:
+    """The rules text minus the lines differences.md 5 lets us read differently."""
+    return b"\n".join(line for line in text.split(b"\n") if not extended_syntax_may_apply(line))
