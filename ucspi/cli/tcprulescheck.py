@@ -6,10 +6,10 @@ import os
 import sys
 
 import click
-import cdbx
 
 from ucspi.errors import EXIT_PERMANENT, EXIT_TEMPORARY, die, error_text
-from ucspi.rules.lookup import describe, find_rule
+from ucspi.rules.database import RulesFile
+from ucspi.rules.lookup import describe
 
 USAGE = b"tcprulescheck: usage: tcprulescheck rules.cdb"
 
@@ -24,11 +24,7 @@ def tcprulescheck(arguments: tuple[str, ...]) -> None:
     environ = os.environb
     ip = environ.get(b"TCPREMOTEIP", b"0.0.0.0")
     try:
-        rules = cdbx.CDB(cdb_path, mmap=False)
-        try:
-            decision = find_rule(rules.get, ip, environ.get(b"TCPREMOTEHOST"), environ.get(b"TCPREMOTEINFO"))
-        finally:
-            rules.close()
+        decision = RulesFile(cdb_path).decide(ip, environ.get(b"TCPREMOTEHOST"), environ.get(b"TCPREMOTEINFO"))
     except OSError as error:
         die(b"tcprulescheck: fatal: unable to read " + cdb_path + b": " + error_text(error).encode(), EXIT_TEMPORARY)
     sys.stdout.buffer.write(describe(decision))

@@ -1,0 +1,1 @@
+"""tcpserver: listen, accept, decide each client, spawn the program."""

@@ -1,0 +1,257 @@
+"""The accept loop: the -c limit, each client's decision, spawning, reaping, signals (spec 6.5).
+
+Everything runs on one uvloop loop. A connection takes a slot when it is accepted and gives it
+back when it is denied, dropped or its program has been reaped; at the limit the listener leaves
+the loop's poll set, so new clients wait in the kernel's backlog as with the original.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+
+from ucspi.errors import error_text
+from ucspi.rules.database import RulesFile
+from ucspi.rules.lookup import NO_RULE, Decision
+from ucspi.server.log import Log, verdict_line
+from ucspi.server.options import ServerOptions
+from ucspi.server.peer import Peer, PeerFacts
+from ucspi.server.spawn import Environment, Spawner
+
+# Accepting several clients per wakeup saves a poll round trip each under load.
+_ACCEPT_BATCH = 32
+# Out of descriptors or memory: stop accepting for a moment instead of spinning.
+_ACCEPT_BACKOFF_SECONDS = 0.1
+_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+
+
+class Reaper:
+    """Waits for every child in a thread of its own: no SIGCHLD (uvloop keeps it), no fd per child.
+
+    A blocking waitpid(-1) returns as soon as any child ends; each end is handed to the loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_end: Callable[[int, int], None]) -> None:
+        self._loop = loop
+        self._on_end = on_end
+        self._children_may_exist = threading.Event()
+        threading.Thread(target=self._run, name="reaper", daemon=True).start()
+
+    def spawned(self) -> None:
+        self._children_may_exist.set()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                pid, wait_status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                # Cleared before the next waitpid: a child spawned after this point sets it again.
+                self._children_may_exist.wait()
+                self._children_may_exist.clear()
+                continue
+            self._loop.call_soon_threadsafe(self._on_end, pid, wait_status)
+
+
+class Server:
+    def __init__(
+        self,
+        options: ServerOptions,
+        listener: socket.socket,
+        spawner: Spawner,
+        environment: Environment,
+        facts: PeerFacts,
+        log: Log,
+    ) -> None:
+        self.options = options
+        self.limit = options.limit
+        self.listener = listener
+        self.spawner = spawner
+        self.environment = environment
+        self.facts = facts
+        self.log = log
+        self.rules = RulesFile(options.rules_path) if options.rules_path is not None else None
+        self.children = 0
+        self.pid = os.getpid()
+        self._accepting = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reaper: Reaper | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- the listener ---------------------------------------------------------------------
+
+    def run(self) -> None:
+        import uvloop
+
+        loop = self._loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        # SIGTERM: exit 0 at once, children left running, as the original.
+        loop.add_signal_handler(signal.SIGTERM, os._exit, 0)
+        self._reaper = Reaper(loop, self._child_ended)
+        self._resume()
+        loop.run_forever()
+
+    def _resume(self) -> None:
+        if not self._accepting and self.children < self.limit:
+            assert self._loop is not None
+            self._loop.add_reader(self.listener.fileno(), self._accept_clients)
+            self._accepting = True
+
+    def _pause(self) -> None:
+        if self._accepting:
+            assert self._loop is not None
+            self._loop.remove_reader(self.listener.fileno())
+            self._accepting = False
+
+    def _accept_clients(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            if self.children >= self.limit:
+                self._pause()
+                return
+            try:
+                connection, remote = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno in _RESOURCE_ERRORS:
+                    self._pause()
+                    assert self._loop is not None
+                    self._loop.call_later(_ACCEPT_BACKOFF_SECONDS, self._resume)
+                return
+            self.children += 1
+            self.log.status(self.children, self.limit)
+            self._begin(connection, remote)
+
+    def _free_slot(self) -> None:
+        if self.children:
+            self.children -= 1
+        self.log.status(self.children, self.limit)
+        self._resume()
+
+    def _drop(self, connection: socket.socket, text: bytes) -> None:
+        self.log.drop(text)
+        connection.close()
+        self._free_slot()
+
+    # -- one connection, in the original's order -------------------------------------------------
+
+    def _begin(self, connection: socket.socket, remote: tuple[str, int]) -> None:
+        options = self.options
+        if options.no_delay:
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if options.banner:
+            try:
+                sent = connection.send(options.banner, _SEND_FLAGS)
+            except OSError as error:
+                self._drop(connection, b"unable to print banner: " + error_text(error).encode())
+                return
+            if sent < len(options.banner):
+                self._spawn_task(self._finish_banner_then_gather(connection, remote, sent))
+                return
+        self._gather(connection, remote)
+
+    def _spawn_task(self, coroutine) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _finish_banner_then_gather(self, connection: socket.socket, remote: tuple[str, int], sent: int) -> None:
+        assert self._loop is not None
+        connection.setblocking(False)
+        try:
+            await self._loop.sock_sendall(connection, self.options.banner[sent:])
+        except OSError as error:
+            self._drop(connection, b"unable to print banner: " + error_text(error).encode())
+            return
+        connection.setblocking(True)  # the program gets a blocking socket, as from the original
+        self._gather(connection, remote)
+
+    def _gather(self, connection: socket.socket, remote: tuple[str, int]) -> None:
+        try:
+            local = connection.getsockname()
+        except OSError as error:
+            self._drop(connection, b"unable to get local address: " + error_text(error).encode())
+            return
+        if self.facts.needs_lookups:
+            self._spawn_task(self._gather_then_decide(connection, local, remote))
+        else:
+            self._decide(connection, self.facts.known(local, remote))
+
+    async def _gather_then_decide(
+        self, connection: socket.socket, local: tuple[str, int], remote: tuple[str, int]
+    ) -> None:
+        peer = await self.facts.gather(local, remote)
+        self._decide(connection, peer)
+
+    def _decide(self, connection: socket.socket, peer: Peer) -> None:
+        decision: Decision = NO_RULE
+        if self.rules is not None:
+            try:
+                decision = self.rules.decide(peer.remote_ip, peer.remote_host, peer.remote_info)
+            except FileNotFoundError as error:
+                if not self.options.allow_missing_rules:
+                    self._drop_rules(connection, error)
+                    return
+            except OSError as error:
+                self._drop_rules(connection, error)
+                return
+        if decision.deny:
+            # No child for a denied client (differences item 1): the server's pid in the line.
+            if self.log.verbose:
+                self.log.verdict(self._verdict(b"deny", self.pid, peer))
+            connection.close()
+            self._free_slot()
+            return
+        self._spawn(connection, peer, decision)
+
+    def _drop_rules(self, connection: socket.socket, error: OSError) -> None:
+        assert self.options.rules_path is not None
+        self._drop(connection, b"unable to read " + self.options.rules_path + b": " + error_text(error).encode())
+
+    @staticmethod
+    def _verdict(verdict: bytes, pid: int, peer: Peer) -> bytes:
+        return verdict_line(
+            verdict,
+            pid,
+            peer.local_host,
+            peer.local_ip,
+            peer.local_port,
+            peer.remote_host,
+            peer.remote_ip,
+            peer.remote_info,
+            peer.remote_port,
+        )
+
+    def _spawn(self, connection: socket.socket, peer: Peer, decision: Decision) -> None:
+        changes: list[tuple[bytes, bytes | None]] = [
+            (b"PROTO", b"TCP"),
+            (b"TCPLOCALIP", peer.local_ip),
+            (b"TCPLOCALPORT", b"%d" % peer.local_port),
+            (b"TCPLOCALHOST", peer.local_host),
+            (b"TCPREMOTEIP", peer.remote_ip),
+            (b"TCPREMOTEPORT", b"%d" % peer.remote_port),
+            (b"TCPREMOTEHOST", peer.remote_host),
+            (b"TCPREMOTEINFO", peer.remote_info),
+        ]
+        if decision.data:
+            changes.extend(decision.environment)
+        try:
+            pid = self.spawner.spawn(connection.fileno(), self.environment.build(changes))
+        except OSError as error:
+            self._drop(connection, b"unable to run " + self.spawner.program[0] + b": " + error_text(error).encode())
+            return
+        assert self._reaper is not None
+        self._reaper.spawned()
+        if self.log.verbose:
+            self.log.served(pid, peer.remote_ip, self._verdict(b"ok", pid, peer))
+        connection.close()
+
+    def _child_ended(self, pid: int, wait_status: int) -> None:
+        self.log.end(pid, wait_status)
+        self._free_slot()

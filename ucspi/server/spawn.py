@@ -1,0 +1,165 @@
+"""The program's environment and its start with posix_spawn (spec 6.6, 6.7).
+
+posix_spawn is called through ctypes, not os.posix_spawn: ctypes releases the GIL while the
+vfork'd child execs, and takes the environment as a raw array, so it can pass what the original
+passes (duplicate entries, entries without `=`, the empty name a rule can set) in its order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import signal
+from collections.abc import Sequence
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# Opaque glibc structures: 80 and 336 bytes on x86-64; room to spare for other ABIs.
+_FileActions = ctypes.c_char * 1024
+_Attributes = ctypes.c_char * 1024
+_SigSet = ctypes.c_char * 128
+
+_posix_spawn = _libc.posix_spawn
+_posix_spawn.restype = ctypes.c_int
+_posix_spawn.argtypes = [
+    ctypes.POINTER(ctypes.c_int),
+    ctypes.c_char_p,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_char_p),
+    ctypes.POINTER(ctypes.c_char_p),
+]
+_POSIX_SPAWN_SETSIGDEF = 0x04
+_POSIX_SPAWN_SETSIGMASK = 0x08
+
+
+def read_initial_environment() -> list[bytes]:
+    """The environment exactly as the server was started with it.
+
+    os.environ cannot give that back: Python adds LC_CTYPE under the C locale (PEP 538), merges
+    duplicate names and drops entries without `=`. The kernel's copy of the exec'd block can.
+    """
+    try:
+        with open("/proc/self/environ", "rb") as environ_file:
+            block = environ_file.read()
+    except OSError:
+        return [name + b"=" + value for name, value in os.environb.items()]
+    return block.split(b"\x00")[:-1] if block else []
+
+
+class Environment:
+    """Applies tcpserver's changes to the initial environment as pathexec does.
+
+    Each change removes the first entry of that name (the last entry moves into its place) and
+    then, unless it is a removal, appends NAME=VALUE. Where the entries end up depends only on
+    the names and on which changes are removals, so that plan is computed once per shape.
+    """
+
+    _PLAN_LIMIT = 1024
+
+    def __init__(self, initial: list[bytes]) -> None:
+        self.initial = initial
+        self._plans: dict[tuple[tuple[bytes, bool], ...], list[bytes | int]] = {}
+
+    def _plan(self, shape: tuple[tuple[bytes, bool], ...]) -> list[bytes | int]:
+        entries: list[bytes | int] = list(self.initial)
+        for change_index, (name, removal) in enumerate(shape):
+            prefix = name + b"="
+            for position, entry in enumerate(entries):
+                entry_bytes = entry if isinstance(entry, bytes) else shape[entry][0] + b"="
+                if entry_bytes.startswith(prefix):
+                    last = entries.pop()
+                    if position < len(entries):
+                        entries[position] = last
+                    break
+            if not removal:
+                entries.append(change_index)
+        return entries
+
+    def build(self, changes: Sequence[tuple[bytes, bytes | None]]) -> list[bytes]:
+        shape = tuple((name, value is None) for name, value in changes)
+        plan = self._plans.get(shape)
+        if plan is None:
+            if len(self._plans) >= self._PLAN_LIMIT:
+                self._plans.clear()
+            plan = self._plans[shape] = self._plan(shape)
+        return [
+            slot if isinstance(slot, bytes) else changes[slot][0] + b"=" + changes[slot][1]  # type: ignore[operator]
+            for slot in plan
+        ]
+
+
+def _null_terminated(items: Sequence[bytes]) -> ctypes.Array:
+    return (ctypes.c_char_p * (len(items) + 1))(*items, None)
+
+
+class Spawner:
+    """Starts the program with the connection on fds 0 and 1, as the original's child would."""
+
+    def __init__(self, program: Sequence[bytes], search_path: bytes | None) -> None:
+        self.program = list(program)
+        self._argv = _null_terminated(self.program)
+        self._path_entries = (search_path if search_path is not None else b"/bin:/usr/bin").split(b":")
+        self._attributes = self._make_attributes()
+        self._file_actions: dict[int, _FileActions] = {}
+
+    @staticmethod
+    def _make_attributes() -> _Attributes:
+        attributes = _Attributes()
+        _libc.posix_spawnattr_init(attributes)
+        # Python ignores SIGPIPE and SIGXFSZ; the original's child has every handler at default.
+        # Signals the server inherited as ignored stay ignored for the child, as in the original.
+        defaults = _SigSet()
+        _libc.sigemptyset(defaults)
+        for number in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTERM):
+            _libc.sigaddset(defaults, int(number))
+        empty_mask = _SigSet()
+        _libc.sigemptyset(empty_mask)
+        _libc.posix_spawnattr_setsigdefault(attributes, defaults)
+        _libc.posix_spawnattr_setsigmask(attributes, empty_mask)
+        _libc.posix_spawnattr_setflags(attributes, ctypes.c_short(_POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK))
+        return attributes
+
+    def _actions_for(self, connection_fd: int) -> _FileActions:
+        # One prepared set of file actions per descriptor number: numbers are reused all the time.
+        actions = self._file_actions.get(connection_fd)
+        if actions is None:
+            actions = _FileActions()
+            _libc.posix_spawn_file_actions_init(actions)
+            _libc.posix_spawn_file_actions_adddup2(actions, connection_fd, 0)
+            _libc.posix_spawn_file_actions_adddup2(actions, connection_fd, 1)
+            self._file_actions[connection_fd] = actions
+        return actions
+
+    def _candidates(self) -> list[bytes]:
+        name = self.program[0]
+        if b"/" in name:
+            return [name]
+        # pathexec: an empty PATH element means the current directory.
+        return [(directory or b".") + b"/" + name for directory in self._path_entries]
+
+    def spawn(self, connection_fd: int, environment: Sequence[bytes]) -> int:
+        """The child's pid; raises OSError with the errno the original's execvp would report."""
+        envp = _null_terminated(environment)
+        actions = self._actions_for(connection_fd)
+        saved_error = 0
+        candidates = self._candidates()
+        for candidate in candidates:
+            # A cheap stat first: a missing file would cost a whole vfork to find out.
+            if len(candidates) > 1:
+                try:
+                    os.stat(candidate)
+                except FileNotFoundError:
+                    continue
+                except OSError:
+                    pass  # let the spawn report it, as execve would
+            pid = ctypes.c_int(0)
+            result = _posix_spawn(ctypes.byref(pid), candidate, actions, self._attributes, self._argv, envp)
+            if result == 0:
+                return pid.value
+            if result != errno.ENOENT:
+                saved_error = result
+                if result not in (errno.EACCES, errno.EPERM, errno.EISDIR):
+                    break
+        raise OSError(saved_error or errno.ENOENT, os.strerror(saved_error or errno.ENOENT))
