@@ -21,7 +21,8 @@ def tcprules(arguments: tuple[str, ...]) -> None:
         die(USAGE, EXIT_PERMANENT)
     cdb_path, tmp_path = os.fsencode(arguments[0]), os.fsencode(arguments[1])
     try:
-        compile_rules(0, cdb_path, tmp_path)
+        # The launcher moves a stdin Python cannot start with (a directory) to another fd.
+        compile_rules(int(os.environ.get("UCSPI_STDIN_FD", "0")), cdb_path, tmp_path)
     except Fatal as error:
         die(error.message, error.exit_code)
 
