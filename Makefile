@@ -28,3 +28,13 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# A virtualenv under PREFIX/lib/ucspi (Debian refuses system-wide pip installs), commands linked
+# into PREFIX/bin beside the original's other tools (tcpclient, rblsmtpd, recordio).
+install:
+	$(PYTHON) -m venv $(PREFIX)/lib/ucspi
+	$(PREFIX)/lib/ucspi/bin/python -m pip install --quiet --disable-pip-version-check .
+	mkdir -p $(PREFIX)/bin
+	for command in tcpserver tcprules tcprulescheck; do \
+	    ln -sf $(PREFIX)/lib/ucspi/bin/$$command $(PREFIX)/bin/$$command; \
+	done
