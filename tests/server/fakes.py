@@ -159,6 +159,7 @@ class DNSRequest:
     qname: str  # dnspython text form, with the trailing dot
     rdtype: str  # "PTR", "A", ...
     query_id: int
+    at: float  # time.monotonic() on arrival
 
 
 DNSMode = Literal["answer", "nxdomain", "servfail", "silent", "nonsense", "wrong-id", "truncate"]
@@ -173,7 +174,8 @@ class FakeDNS(_Fake):
     Modes: "answer" (the table; names not in it get NXDOMAIN), "nxdomain", "servfail", "silent"
     (reads and never answers), "nonsense" (random bytes), "wrong-id" (a correct answer with another
     id), "truncate" (UDP replies only set TC; TCP answers from the table). `mode` may be changed
-    while running; `delay` holds every reply back that many seconds.
+    while running; `delay` holds every reply back that many seconds; tcp=False leaves port 53/tcp
+    closed.
     """
 
     name = "fake-dns"
@@ -187,11 +189,13 @@ class FakeDNS(_Fake):
         a: Mapping[str, Iterable[str]] | None = None,
         aaaa: Mapping[str, Iterable[str]] | None = None,
         delay: float = 0.0,
+        tcp: bool = True,
         port: int = 53,
     ) -> None:
         super().__init__()
         self.ip = ip
         self.port = port
+        self.tcp = tcp
         self.mode: DNSMode = mode
         self.delay = delay
         self.requests: list[DNSRequest] = []
@@ -226,11 +230,12 @@ class FakeDNS(_Fake):
             udp.bind((self.ip, self.port))
             udp.setblocking(False)
             self._udp = udp
-            self._tcp = _listener(self.ip, self.port)
+            self._sockets = [udp]
+            if self.tcp:
+                self._sockets.append(_listener(self.ip, self.port))
         except BaseException:
             udp.close()
             raise
-        self._sockets = [self._udp, self._tcp]
 
     def _serve_once(self, selector: selectors.BaseSelector) -> None:
         for key, _ in selector.select(_POLL):
@@ -243,8 +248,10 @@ class FakeDNS(_Fake):
                 if reply is not None and self._hold():
                     self._udp.sendto(reply, client)
             else:
+                listener = key.fileobj
+                assert isinstance(listener, socket.socket)
                 try:
-                    conn, _ = self._tcp.accept()
+                    conn, _ = listener.accept()
                 except OSError:
                     continue
                 self._start_worker(lambda conn=conn: self._serve_tcp(conn))
@@ -280,7 +287,9 @@ class FakeDNS(_Fake):
         except Exception:
             return None
         self.requests.append(
-            DNSRequest(transport, question.name.to_text(), dns.rdatatype.to_text(question.rdtype), query.id)
+            DNSRequest(
+                transport, question.name.to_text(), dns.rdatatype.to_text(question.rdtype), query.id, time.monotonic()
+            )
         )
         mode = self.mode
         if mode == "silent":
@@ -303,7 +312,8 @@ class FakeDNS(_Fake):
                 response.set_rcode(dns.rcode.NXDOMAIN)
         if mode == "wrong-id":
             response.id = (query.id + 1) % 65536
-        return response.to_wire()
+        # dnspython shuffles records by default; tests of "the first answer" need table order.
+        return response.to_wire(want_shuffle=False)
 
 
 def _recv_exactly(conn: socket.socket, length: int) -> bytes:

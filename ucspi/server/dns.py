@@ -1,9 +1,10 @@
 """djb's stub resolver, as tcpserver uses it: PTR names for TCPLOCALHOST/TCPREMOTEHOST, A records for -p.
 
 Behaviour follows djbdns's dns_resolve/dns_transmit (spec 6.8, 9 item 16): servers from
-$DNSCACHEIP or /etc/resolv.conf (never /etc/hosts), UDP with the 1-3-11-45 s schedule over every
-server, TCP when a reply is truncated. dnspython builds the queries and decodes names; the
-transport is plain non-blocking sockets on the running (uv)loop.
+$DNSCACHEIP or /etc/resolv.conf (never /etc/hosts), UDP rounds of 3, 11 and 45 s over every server
+(dns_transmit's 1 s round is skipped for recursive queries), TCP when a reply is truncated.
+dnspython builds the queries and decodes names; the transport is plain non-blocking sockets on
+the running (uv)loop.
 """
 
 from __future__ import annotations
@@ -336,7 +337,10 @@ class StubResolver:
         return cls(servers, timeouts=timeouts, tcp_timeout=tcp_timeout, port=port)
 
     async def name_of(self, ip: str) -> bytes | None:
-        """The first PTR name of ip in printable form (spec 6.8), or None: no answer, no name, or failure."""
+        """The first PTR name of ip in printable form (spec 6.8), or None: no answer, no name, or failure.
+
+        A PTR to the root comes back as b".", which tcpserver, like the original, treats as a name.
+        """
         try:
             qname = dns.reversename.from_address(ip)
             packet = await self.resolve(qname, dns.rdatatype.PTR)
