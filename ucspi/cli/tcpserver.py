@@ -97,6 +97,8 @@ def serve(options, operands: list[str], log: Log, environ) -> None:
         _usage_and_exit(bool(options.verbosity))
     program = [os.fsencode(argument) for argument in operands[2:]]
 
+    # SIGTERM exits 0 from here on, as the original's handler, installed as early, does.
+    signal.signal(signal.SIGTERM, lambda _signal, _frame: os._exit(0))
     # SIGINT and SIGHUP end the server as their default action does: quietly, no traceback.
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
