@@ -9,7 +9,8 @@ import sys
 from ucspi.cli.getopt import GetoptError, HelpRequested, getopt
 from ucspi.errors import EXIT_PERMANENT, EXIT_TEMPORARY, Fatal
 from ucspi.server.log import Log
-from ucspi.server.options import ARGUMENT_LETTERS, FLAG_LETTERS, OPTION_TABLE, USAGE, apply_options
+from ucspi.server.options import ARGUMENT_LETTERS, FLAG_LETTERS, OPTION_TABLE, USAGE, ServerOptions, apply_options
+from ucspi.server.spawn import first_values, read_initial_environment
 
 
 def _write_stderr(text: str) -> None:
@@ -70,11 +71,11 @@ def main() -> None:
         _write_stderr(error.message(program_name))
         _usage_and_exit(True)
         return
-    environ = os.environb
-    options = apply_options(parsed, dict(environ))
+    initial_environment = read_initial_environment()
+    options = apply_options(parsed, first_values(initial_environment))
     log = Log(options.verbosity)
     try:
-        serve(options, operands, log, environ)
+        serve(options, operands, log, initial_environment)
     except Fatal as fatal:
         if options.verbosity:
             try:
@@ -84,7 +85,7 @@ def main() -> None:
         os._exit(fatal.exit_code)
 
 
-def serve(options, operands: list[str], log: Log, environ) -> None:
+def serve(options: ServerOptions, operands: list[str], log: Log, initial_environment: list[bytes]) -> None:
     from ucspi.server.listen import bind_listener, drop_privileges, resolve_host, resolve_port
 
     if not operands:
@@ -105,7 +106,7 @@ def serve(options, operands: list[str], log: Log, environ) -> None:
 
     from ucspi.server.loop import Server
     from ucspi.server.peer import PeerFacts
-    from ucspi.server.spawn import Environment, Spawner, read_initial_environment
+    from ucspi.server.spawn import Environment, Spawner
 
     local_ip = resolve_host(host)
     listener = bind_listener(local_ip, port, options.backlog)
@@ -116,9 +117,11 @@ def serve(options, operands: list[str], log: Log, environ) -> None:
         except OSError:
             pass
     _close_stdin_stdout()
+    # Looked up as getenv does: the first entry of a name wins.
+    environ = first_values(initial_environment)
     facts = PeerFacts(options, environ)
     spawner = Spawner(program, environ.get(b"PATH"))
-    server = Server(options, listener, spawner, Environment(read_initial_environment()), facts, log)
+    server = Server(options, listener, spawner, Environment(initial_environment), facts, log)
     log.status(0, options.limit)
     try:
         server.run()

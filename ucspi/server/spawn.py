@@ -48,6 +48,16 @@ def read_initial_environment() -> list[bytes]:
     return block.split(b"\x00")[:-1] if block else []
 
 
+def first_values(entries: list[bytes]) -> dict[bytes, bytes]:
+    """NAME -> VALUE as getenv sees the entries: the first of a name wins, entries without `=` don't count."""
+    values: dict[bytes, bytes] = {}
+    for entry in entries:
+        name, equals, value = entry.partition(b"=")
+        if equals:
+            values.setdefault(name, value)
+    return values
+
+
 class Environment:
     """Applies tcpserver's changes to the initial environment as pathexec does.
 
