@@ -5,17 +5,13 @@ from __future__ import annotations
 import os
 import sys
 
-import click
-
 from ucspi.errors import EXIT_PERMANENT, Fatal, die
 from ucspi.rules.compile import compile_rules
 
 USAGE = b"tcprules: usage: tcprules rules.cdb rules.tmp"
 
 
-@click.command(context_settings={"help_option_names": [], "ignore_unknown_options": True})
-@click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
-def tcprules(arguments: tuple[str, ...]) -> None:
+def tcprules(arguments: list[str]) -> None:
     """Compile rules from stdin into CDB, through TMP. Extra arguments are ignored, as in 0.88."""
     if len(arguments) < 2:
         die(USAGE, EXIT_PERMANENT)
@@ -28,5 +24,6 @@ def tcprules(arguments: tuple[str, ...]) -> None:
 
 
 def main() -> None:
-    # The original takes its arguments as they are: a leading "--" makes click do the same.
-    tcprules.main(["--", *sys.argv[1:]], prog_name="tcprules")
+    # Two positional arguments and no options: the original reads argv[1] and argv[2] as they
+    # are, so there is nothing for click to do, and not importing it saves a tenth of a 1M-line run.
+    tcprules(sys.argv[1:])
