@@ -77,9 +77,10 @@ _INSTRUCTION_CACHE_LIMIT = 4096
 # The fast path: one findall over a block of whole lines does, in C, what a per-line loop costs
 # most for in Python. Each match is one line and its "\n"; comment and blank lines before it
 # are swallowed. The common shape, an address that is its own key (no range: no "-", or a host
-# name "=...") then the first ":", gives (address, ":instruction", b""); any other line (range,
-# no colon, info@, a comment or blank line at the very end of the block) gives (b"", b"", line)
-# for the general path. The instruction keeps its trailing blanks: the cache is keyed by it raw.
+# name "=...") then the first ":", gives (address, ":instruction", b""); any other line (a "-"
+# in the address, no colon, a comment or blank line at the very end of the block) gives
+# (b"", b"", line) for the general path. The instruction keeps its trailing blanks: the cache
+# is keyed by it raw.
 _LINE = re.compile(rb"(?:(?:#[^\n]*)?\n)*(?:(=[^\n:]*|[^#\n:\-][^\n:\-]*|)(:[^\n]*)|([^\n]*))\n")
 
 AddRecord = Callable[[bytes, bytes], object]
