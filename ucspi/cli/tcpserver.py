@@ -110,6 +110,11 @@ def serve(options: ServerOptions, operands: list[str], log: Log, initial_environ
 
     local_ip = resolve_host(host)
     listener = bind_listener(local_ip, port, options.backlog)
+    # Looked up as getenv does: the first entry of a name wins.
+    environ = first_values(initial_environment)
+    # Made before the ids change (spec 6.4 step 5), so that every module the lookups need is
+    # imported while the installed package is surely readable.
+    facts = PeerFacts(options, environ)
     drop_privileges(options.uid, options.gid)
     if options.print_port:
         try:
@@ -117,9 +122,6 @@ def serve(options: ServerOptions, operands: list[str], log: Log, initial_environ
         except OSError:
             pass
     _close_stdin_stdout()
-    # Looked up as getenv does: the first entry of a name wins.
-    environ = first_values(initial_environment)
-    facts = PeerFacts(options, environ)
     spawner = Spawner(program, environ.get(b"PATH"))
     server = Server(options, listener, spawner, Environment(initial_environment), facts, log)
     log.status(0, options.limit)

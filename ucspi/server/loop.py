@@ -15,6 +15,9 @@ import socket
 import threading
 from collections.abc import Callable
 
+# Imported before -u/-g take effect: the installed package may not be readable afterwards.
+import uvloop
+
 from ucspi.errors import error_text
 from ucspi.rules.database import RulesFile
 from ucspi.rules.lookup import NO_RULE, Decision
@@ -86,8 +89,6 @@ class Server:
     # -- the listener ---------------------------------------------------------------------
 
     def run(self) -> None:
-        import uvloop
-
         loop = self._loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         # SIGTERM: exit 0 at once, children left running, as the original.

@@ -44,6 +44,9 @@ class PeerFacts:
             from ucspi.server.dns import StubResolver
 
             self.resolver = StubResolver.from_environment(environ)
+        if self.remote_info:
+            # Imported now, before -u/-g take effect: the package may not be readable afterwards.
+            import ucspi.server.ident  # noqa: F401
         # -H -R -l NAME: everything is known at accept time, no coroutine needed.
         self.needs_lookups = self.resolver is not None or self.remote_info
 
