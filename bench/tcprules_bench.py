@@ -5,7 +5,7 @@ Usage: .venv/bin/python bench/tcprules_bench.py [--lines N] [--rounds R] [--seed
 It writes a seeded, realistic rules file into bench/work/ (reused when it already exists), then
 runs the C tcprules and ours alternately, the order flipping every round, so that the machine's
 noise hits both alike. Every round checks that the two cdb files are byte-identical. It prints
-medians, the median of the per-round ratios (ours / C) and the verdicts of issue's goals.
+medians, the median of the per-round ratios (ours / C) and the verdicts on the issue's goals.
 
 Ours runs as bin/tcprules, the way a user runs it from a checkout; its start-up is part of the time.
 """
