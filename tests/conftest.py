@@ -31,7 +31,7 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
 # In-process properties are cheap: more examples by default, scaled the same way.
-settings.register_profile("ucspi-unit", parent=settings.get_profile("ucspi-fuzz"), max_examples=4 * FUZZ_EXAMPLES)
+settings.register_profile("ucspi-unit", parent=settings.get_profile("ucspi-fuzz"), max_examples=8 * FUZZ_EXAMPLES)
 FUZZ = settings.get_profile("ucspi-fuzz")
 UNIT = settings.get_profile("ucspi-unit")
 
@@ -95,20 +95,20 @@ _NUMBER_EDGES = [
 _BAD_NUMBERS = [b"x", b" 4", b"4 ", b"+4", b"-4", b"4-", b"0x10", b"\xb2", b"1\x00x", b"\x00"]
 
 
-def _octets() -> st.SearchStrategy[bytes]:
+def octets() -> st.SearchStrategy[bytes]:
     return st.one_of(st.integers(0, 255).map(lambda number: b"%d" % number), st.sampled_from(_NUMBER_EDGES))
 
 
-def _ip_like() -> st.SearchStrategy[bytes]:
-    return st.lists(_octets(), min_size=1, max_size=5).map(b".".join)
+def ip_strings() -> st.SearchStrategy[bytes]:
+    return st.lists(octets(), min_size=1, max_size=5).map(b".".join)
 
 
 def _range_address(valid_only: bool) -> st.SearchStrategy[bytes]:
-    number = st.one_of(st.just(b""), _octets())
+    number = st.one_of(st.just(b""), octets(), st.sampled_from(_NUMBER_EDGES))
     if not valid_only:
-        number = st.one_of(number, st.sampled_from(_BAD_NUMBERS))
+        number = st.one_of(number, number, number, st.sampled_from(_BAD_NUMBERS))
     # After the range a second "a-b" is literal text (spec 3.4, `1-2.3-4.`).
-    after = st.one_of(_octets(), st.tuples(_octets(), _octets()).map(b"-".join))
+    after = st.one_of(octets(), st.tuples(octets(), octets()).map(b"-".join))
     return st.builds(
         lambda before, bottom, top, tail, dot: b"".join(part + b"." for part in before)
         + bottom
@@ -116,7 +116,7 @@ def _range_address(valid_only: bool) -> st.SearchStrategy[bytes]:
         + top
         + b"".join(b"." + part for part in tail)
         + (b"." if dot else b""),
-        st.lists(_octets(), max_size=3),
+        st.lists(octets(), max_size=3),
         number,
         number,
         st.lists(after, max_size=3),
@@ -124,7 +124,7 @@ def _range_address(valid_only: bool) -> st.SearchStrategy[bytes]:
     )
 
 
-def _host() -> st.SearchStrategy[bytes]:
+def host_names() -> st.SearchStrategy[bytes]:
     label = st.one_of(
         st.text("abcxyz0129-_", max_size=6).map(str.encode),
         st.sampled_from([b"Example", b"COM", b"a\xe9b", b"a-b", b""]),
@@ -132,7 +132,7 @@ def _host() -> st.SearchStrategy[bytes]:
     return st.lists(label, min_size=1, max_size=4).map(b".".join)
 
 
-def _user() -> st.SearchStrategy[bytes]:
+def user_names() -> st.SearchStrategy[bytes]:
     return st.one_of(st.text("joe.x-", max_size=5).map(str.encode), st.sampled_from([b"", b"Joe", b"a b"]))
 
 
@@ -147,16 +147,16 @@ def _verbatim_address(valid_only: bool) -> st.SearchStrategy[bytes]:
 def addresses(valid_only: bool = True) -> st.SearchStrategy[bytes]:
     """The address part of a rule: every form of spec 3.3, ranges, and odd verbatim keys."""
     return st.one_of(
-        _ip_like(),
-        _ip_like().map(lambda ip: ip + b"."),
+        ip_strings(),
+        ip_strings().map(lambda ip: ip + b"."),
         _range_address(valid_only),
         st.just(b""),
         st.just(b"="),
-        _host().map(lambda host: b"=" + host),
-        _host().map(lambda host: b"=." + host),
-        st.builds(lambda user, ip: user + b"@" + ip, _user(), st.one_of(_ip_like(), _range_address(True))),
-        st.builds(lambda user, host: user + b"@=" + host, _user(), _host()),
-        st.builds(lambda spaces, ip: spaces + ip, st.sampled_from([b" ", b"  ", b"\t"]), _ip_like()),
+        host_names().map(lambda host: b"=" + host),
+        host_names().map(lambda host: b"=." + host),
+        st.builds(lambda user, ip: user + b"@" + ip, user_names(), st.one_of(ip_strings(), _range_address(True))),
+        st.builds(lambda user, host: user + b"@=" + host, user_names(), host_names()),
+        st.builds(lambda spaces, ip: spaces + ip, st.sampled_from([b" ", b"  ", b"\t"]), ip_strings()),
         _verbatim_address(valid_only),
     )
 
@@ -176,8 +176,10 @@ def _variable(draw: st.DrawFn, last: bool) -> bytes:
         st.one_of(
             st.sampled_from([b'"', b"/", b"+", b"=", b",", b":", b" ", b"x", b"\x00", b"\r", b"\xff"]),
             st.integers(0, 255).map(lambda byte: bytes([byte])),
-        ).filter(lambda byte: byte[0] not in forbidden)
+        )
     )
+    if delimiter[0] in forbidden:
+        delimiter = b'"'
     value = draw(st.one_of(st.sampled_from([b"", b"movie.edu", b"a,b=c:d", b"  spaced  "]), st.binary(max_size=8)))
     value = value.replace(delimiter, b"").replace(b"\n", b"")
     return b"," + name + b"=" + delimiter + value + delimiter
@@ -205,7 +207,7 @@ def _trailing_blanks() -> st.SearchStrategy[bytes]:
 def _rule_line(valid_only: bool) -> st.SearchStrategy[bytes]:
     instruction = instructions()
     if not valid_only:
-        instruction = st.one_of(instruction, st.sampled_from(_BAD_INSTRUCTIONS))
+        instruction = st.one_of(instruction, instruction, instruction, st.sampled_from(_BAD_INSTRUCTIONS))
     return st.builds(lambda a, i, t: a + b":" + i + t, addresses(valid_only), instruction, _trailing_blanks())
 
 
@@ -238,9 +240,12 @@ _RAW_TOKENS = [
 
 
 def raw_rule_files() -> st.SearchStrategy[bytes]:
-    return st.lists(
-        st.one_of(st.sampled_from(_RAW_TOKENS), st.binary(min_size=1, max_size=1)), max_size=40
-    ).map(b"".join)
+    """Raw bytes; half the lines get an `:allow`/`:deny` in the middle so that some compile."""
+    raw = st.lists(st.one_of(st.sampled_from(_RAW_TOKENS), st.binary(min_size=1, max_size=1)), max_size=12).map(
+        b"".join
+    )
+    line = st.one_of(raw, st.builds(lambda a, i, t: a + i + t, raw, st.sampled_from([b":allow", b":deny"]), raw))
+    return st.one_of(raw, st.lists(line, max_size=6).map(b"\n".join))
 
 
 # differences.md 5: our extended syntax takes the first ':' followed by allow/deny and then ','

@@ -14,7 +14,7 @@ from pathlib import Path
 import cdbx
 import pytest
 from conftest import UNIT, raw_rule_files, rule_files
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from ucspi.errors import EXIT_PERMANENT, Fatal
@@ -236,8 +236,7 @@ def test_example_5() -> None:
 def test_empty_block_in_the_middle_is_not_the_end_of_input() -> None:
     """rule_records takes "blocks of any size"; an empty one must not end the pending line.
 
-    Known bug: b"" is taken as end of input, so the pending `1.2.3.4:al` is parsed as a line.
-    (compile.py never passes an empty block, so tcprules itself is not affected.)
+    Regression: the first parser took b"" for the end of input and parsed `1.2.3.4:al` as a line.
     """
     assert outcome([b"1.2.3.4:al", b"", b"low\n"]) == ([(b"1.2.3.4", b"")], None)
 
@@ -272,6 +271,62 @@ def test_empty_input_is_a_2048_byte_cdb(tmp_path: Path) -> None:
 
 
 # ---- properties ----
+
+
+def reference_outcome(text: bytes) -> tuple[Records, bytes | None]:
+    """Spec 3.2-3.4 step by step, one line at a time: the slow, obvious oracle for the parser."""
+    found: Records = []
+    lines = text.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the text ended with "\n": no final partial line
+    for raw in lines:
+        if raw[:1] in (b"", b"#"):
+            continue
+        line = raw.rstrip(b" \t")
+        address, colon, rest = line.partition(b":")
+        if not colon:
+            continue
+        if rest.startswith(b"deny"):
+            data, rest = b"D\x00", rest[4:]
+        elif rest.startswith(b"allow"):
+            data, rest = b"", rest[5:]
+        else:
+            return found, line
+        while rest:
+            name, equals, rest = rest.partition(b"=")
+            if name[:1] != b"," or not equals or not rest:
+                return found, line
+            value, closing, rest = rest[1:].partition(rest[:1])
+            if not closing:
+                return found, line
+            data += b"+" + name[1:] + b"=" + value + b"\x00"
+        dash = address.find(b"-")
+        if dash < 0 or b"=" in address or b"@" in address:
+            found.append((address, data))
+            continue
+        left = address.rfind(b".", 0, dash) + 1
+        right = address.find(b".", dash + 1) % (len(address) + 1)  # -1 -> end of address
+        numbers = []
+        for part in (address[left:dash], address[dash + 1 : right]):
+            digits = part.split(b"\x00")[0]  # a C string ends at NUL
+            if not all(48 <= byte <= 57 for byte in digits):
+                return found, line
+            numbers.append(int(digits or b"0") % 2**64)
+        for number in range(numbers[0], min(numbers[1], 255) + 1):
+            found.append((address[:left] + str(number).encode() + address[right:], data))
+    return found, None
+
+
+@UNIT
+@example(b"18446744073709551617-3:allow\n")  # scan_ulong wraps at 2**64: bottom 1
+@example(b"1.2.3.0-18446744073709551616:deny\n")  # top wraps to 0
+@example(b"1\x00x-3:allow\n")  # the number is a C string: it ends at the NUL
+@example(b"#x\n\n  \n=a-b:allow \n1.2.3.4:allow\r\n")
+@given(st.one_of(rule_files(valid_only=True), rule_files(valid_only=False), raw_rule_files()))
+def test_parser_agrees_with_the_step_by_step_reading(text: bytes) -> None:
+    assert outcome([text]) == reference_outcome(text)
+
+
 
 
 @st.composite
