@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from ucspi.errors import EXIT_PERMANENT, Fatal
 from ucspi.rules.compile import compile_rules
-from ucspi.rules.syntax import RuleSyntaxError, address_keys, instruction_data, rule_records
+from ucspi.rules.syntax import RuleSyntaxError, add_records, address_keys, instruction_data, rule_records
 
 Records = list[tuple[bytes, bytes]]
 
@@ -34,6 +34,16 @@ def outcome(blocks: Iterable[bytes]) -> tuple[Records, bytes | None]:
     try:
         for record in rule_records(blocks):
             found.append(record)
+    except RuleSyntaxError as error:
+        return found, error.line
+    return found, None
+
+
+def added(blocks: Iterable[bytes]) -> tuple[Records, bytes | None]:
+    """outcome() through add_records, the callback form compile_rules uses."""
+    found: Records = []
+    try:
+        add_records(blocks, lambda key, data: found.append((key, data)))
     except RuleSyntaxError as error:
         return found, error.line
     return found, None
@@ -343,6 +353,7 @@ def test_records_do_not_depend_on_block_sizes(data: st.DataObject, text: bytes) 
     blocks = data.draw(split_into_blocks(text))
     assert b"".join(blocks) == text
     assert outcome(blocks) == outcome([text])
+    assert added(blocks) == outcome([text])
     # One byte at a time is the most demanding split.
     assert outcome([bytes([byte]) for byte in text]) == outcome([text])
 
