@@ -5,12 +5,15 @@ Plus a regression test run through our commands: a key whose djb hash is 0 (pyth
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
+import cdbx
 import pytest
 from conftest import command_environment, djb_hash, original_command, our_command, run_command
 
+from ucspi.rules.compile import compile_rules
 from ucspi.rules.lookup import NO_RULE, Decision, candidate_keys, describe, find_rule
 
 # ---- spec 5: the order of the candidate keys ----
@@ -93,6 +96,22 @@ def test_find_rule_with_empty_data_is_a_rule_not_the_default() -> None:
     decision = find_rule({b"": b""}.get, b"1.2.3.4", None, None)
     assert decision.key == b""
     assert describe(decision) == b"rule :\nallow connection\n"
+
+
+def test_find_rule_in_a_compiled_cdb_first_duplicate_wins(tmp_path: Path) -> None:
+    # Example 7 of spec 3.5: both records are stored, the first in the file is the one found.
+    source = tmp_path / "rules.txt"
+    source.write_bytes(b'1.2.3.4:allow,A="1"\n1.2.3.4:deny\n127.:deny,X="y"\n')
+    with source.open("rb") as rules_text:
+        compile_rules(rules_text.fileno(), os.fsencode(tmp_path / "rules.cdb"), os.fsencode(tmp_path / "rules.tmp"))
+    rules = cdbx.CDB(os.fsencode(tmp_path / "rules.cdb"))
+    try:
+        assert find_rule(rules.get, b"1.2.3.4", None, None) == Decision(b"1.2.3.4", b"+A=1\x00")
+        denied = find_rule(rules.get, b"127.0.0.1", b"localhost", b"joe")
+        assert describe(denied) == b"rule 127.:\ndeny connection\n"
+        assert find_rule(rules.get, b"9.9.9.9", None, None) is NO_RULE
+    finally:
+        rules.close()
 
 
 # ---- Decision ----

@@ -273,6 +273,13 @@ def test_parse_error_message_is_cut_at_nul_and_tmp_is_left(tmp_path: Path) -> No
     assert (tmp_path / "rules.tmp").exists()
 
 
+def test_parse_error_leaves_an_existing_cdb_untouched(tmp_path: Path) -> None:
+    (tmp_path / "rules.cdb").write_bytes(b"the old rules")
+    with pytest.raises(Fatal):
+        compile_text(tmp_path, b"1.2.3.4:allow\n1.2.3.4:allow,\n")
+    assert (tmp_path / "rules.cdb").read_bytes() == b"the old rules"
+
+
 def test_empty_input_is_a_2048_byte_cdb(tmp_path: Path) -> None:
     compile_text(tmp_path, b"")
     empty_bucket = (2048).to_bytes(4, "little") + (0).to_bytes(4, "little")
