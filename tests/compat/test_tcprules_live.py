@@ -11,6 +11,7 @@ Lines that differences.md 5 lets us read differently (IPv6, CIDR) are dropped fr
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from conftest import (
     user_names,
     without_extended_syntax,
 )
-from hypothesis import example, given, note
+from hypothesis import currently_in_test_context, example, given, note
 from hypothesis import strategies as st
 
 ORIGINAL_TCPRULES = original_command("tcprules")
@@ -68,15 +69,17 @@ def run_tcprules(command: Path, text: bytes) -> TcprulesRun:
         )
 
 
-def assert_tcprules_agree(text: bytes) -> None:
+def assert_tcprules_agree(text: bytes) -> TcprulesRun:
     text = without_extended_syntax(text)
-    note(f"rules text: {text!r}")
+    if currently_in_test_context():
+        note(f"rules text: {text!r}")
     assert ORIGINAL_TCPRULES is not None
     theirs = run_tcprules(ORIGINAL_TCPRULES, text)
     ours = run_tcprules(our_command("tcprules"), text)
     # Outcome first, so that a failure shows the messages rather than two 2 kB cdb files.
     assert (ours.exit_code, ours.stderr, ours.files) == (theirs.exit_code, theirs.stderr, theirs.files)
     assert ours.cdb == theirs.cdb
+    return theirs
 
 
 # Fixed cases hypothesis always runs: number edges the spec does not list, checked here live.
@@ -98,6 +101,38 @@ def test_tcprules_agrees_on_grammar_files(text: bytes) -> None:
 @given(raw_rule_files())
 def test_tcprules_agrees_on_raw_bytes(text: bytes) -> None:
     assert_tcprules_agree(text)
+
+
+def large_rules_file(seed: int) -> bytes:
+    """About 300 kB of mixed lines, one of them longer than a read block (ours reads 64 kB)."""
+    chooser = random.Random(seed)
+    lines = []
+    for number in range(6000):
+        octet = chooser.randrange(256)
+        lines.append(
+            chooser.choice(
+                [
+                    b"10.%d.%d.%d:allow,RELAYCLIENT=\"\"" % (octet, number % 256, number // 256),
+                    b"192.168.%d.%d-%d:deny" % (octet, octet, chooser.randrange(300)),
+                    b"=host%d.example.com:allow,X=/a,b:c/ \t" % number,
+                    b"# comment %d" % number,
+                    b"",
+                    b"joe@10.0.0.%d:deny,Y=\x00\r\x00" % octet,
+                    b"no colon %d" % number,
+                ]
+            )
+        )
+    lines.insert(chooser.randrange(len(lines)), b":allow,LONG=|" + b"v" * 150_000 + b"|")
+    return b"\n".join(lines) + b"\n"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize(
+    "tail", [b"", b"1.2.3.4:allow,\n", b"1.2.3.4:allow"], ids=["valid", "bad-last-line", "no-newline"]
+)
+def test_tcprules_agrees_on_a_large_file(seed: int, tail: bytes) -> None:
+    result = assert_tcprules_agree(large_rules_file(seed) + tail)
+    assert result.exit_code == (100 if tail.endswith(b",\n") else 0)  # the file is what we meant it to be
 
 
 # ---- tcprulescheck ----
