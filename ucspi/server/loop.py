@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import queue
 import signal
 import socket
 import threading
@@ -32,6 +33,8 @@ _ACCEPT_BATCH = 32
 _ACCEPT_BACKOFF_SECONDS = 0.1
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+# Two spawning threads keep both cores busy with starting programs on this 2-core class of machine.
+_SPAWN_THREADS = 2
 
 
 class Reaper:
@@ -61,6 +64,43 @@ class Reaper:
             self._loop.call_soon_threadsafe(self._on_end, pid, wait_status)
 
 
+class SpawnThreads:
+    """posix_spawn from a few worker threads, so the ~0.5 ms a vfork'd child takes to exec holds
+    neither the loop nor (ctypes releases it) the GIL: accepting goes on while programs start.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        spawner: Spawner,
+        reaper: Reaper,
+        on_spawned: Callable[[socket.socket, Peer, int, OSError | None], None],
+        count: int,
+    ) -> None:
+        self._loop = loop
+        self._spawner = spawner
+        self._reaper = reaper
+        self._on_spawned = on_spawned
+        self._jobs: queue.SimpleQueue[tuple[socket.socket, list[bytes], Peer]] = queue.SimpleQueue()
+        for number in range(count):
+            threading.Thread(target=self._work, name=f"spawn-{number}", daemon=True).start()
+
+    def submit(self, connection: socket.socket, environment: list[bytes], peer: Peer) -> None:
+        self._jobs.put((connection, environment, peer))
+
+    def _work(self) -> None:
+        while True:
+            connection, environment, peer = self._jobs.get()
+            pid, failure = 0, None
+            try:
+                pid = self._spawner.spawn(connection.fileno(), environment)
+            except OSError as error:
+                failure = error
+            else:
+                self._reaper.spawned()
+            self._loop.call_soon_threadsafe(self._on_spawned, connection, peer, pid, failure)
+
+
 class Server:
     def __init__(
         self,
@@ -84,6 +124,10 @@ class Server:
         self._accepting = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reaper: Reaper | None = None
+        self._spawn_threads: SpawnThreads | None = None
+        # Children spawned and not yet reaped; ends that the reaper saw before the spawn was reported.
+        self._running: set[int] = set()
+        self._early_ends: dict[int, int] = {}
         self._tasks: set[asyncio.Task] = set()
 
     # -- the listener ---------------------------------------------------------------------
@@ -94,6 +138,7 @@ class Server:
         # SIGTERM: exit 0 at once, children left running, as the original.
         loop.add_signal_handler(signal.SIGTERM, os._exit, 0)
         self._reaper = Reaper(loop, self._child_ended)
+        self._spawn_threads = SpawnThreads(loop, self.spawner, self._reaper, self._spawned, _SPAWN_THREADS)
         self._resume()
         loop.run_forever()
 
@@ -242,17 +287,30 @@ class Server:
         ]
         if decision.data:
             changes.extend(decision.environment)
-        try:
-            pid = self.spawner.spawn(connection.fileno(), self.environment.build(changes))
-        except OSError as error:
-            self._drop(connection, b"unable to run " + self.spawner.program[0] + b": " + error_text(error).encode())
+        assert self._spawn_threads is not None
+        self._spawn_threads.submit(connection, self.environment.build(changes), peer)
+
+    def _spawned(self, connection: socket.socket, peer: Peer, pid: int, failure: OSError | None) -> None:
+        if failure is not None:
+            # The original's child logged `ok` before its exec failed; no child here, so the
+            # server's own pid stands in the line (differences item 1).
+            if self.log.verbose:
+                self.log.verdict(self._verdict(b"ok", self.pid, peer))
+            self._drop(connection, b"unable to run " + self.spawner.program[0] + b": " + error_text(failure).encode())
             return
-        assert self._reaper is not None
-        self._reaper.spawned()
         if self.log.verbose:
             self.log.served(pid, peer.remote_ip, self._verdict(b"ok", pid, peer))
         connection.close()
+        self._running.add(pid)
+        early_status = self._early_ends.pop(pid, None)
+        if early_status is not None:
+            self._child_ended(pid, early_status)
 
     def _child_ended(self, pid: int, wait_status: int) -> None:
+        if pid not in self._running:
+            # Reaped before its spawn was reported back: logged once its pid and ok lines are out.
+            self._early_ends[pid] = wait_status
+            return
+        self._running.discard(pid)
         self.log.end(pid, wait_status)
         self._free_slot()
