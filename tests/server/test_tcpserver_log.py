@@ -1,0 +1,53 @@
+"""Every -v line: status, pid, ok, deny, end with raw wait statuses; the banner (spec 6.10, 6.6)."""
+
+from __future__ import annotations
+
+from scenarios import banner_then_program, program_missing, wait_statuses
+from serverproc import OUR_SERVER
+
+SERVED = [
+    b"tcpserver: status: 1/40",
+    b"tcpserver: pid PID from 127.0.0.1",
+    b"tcpserver: ok PID 0:127.0.0.1:PORT :127.0.0.1::PORT",
+]
+
+
+def test_end_lines_carry_the_raw_wait_status() -> None:
+    hows = {"0": 0, "3": 768, "100": 25600, "SEGV": 11, "KILL": 9}
+    outcome = wait_statuses(OUR_SERVER, list(hows))
+    expected = [b"tcpserver: status: 0/40"]
+    for status in hows.values():
+        expected += [*SERVED, b"tcpserver: end PID status %d" % status, b"tcpserver: status: 0/40"]
+    assert outcome.log == expected
+
+
+def test_banner_comes_first_and_verbatim() -> None:
+    outcome = banner_then_program(OUR_SERVER)
+    assert outcome.replies == [b"hello\\n\nprogram\n"]
+    assert outcome.log == [
+        b"tcpserver: status: 0/40",
+        *SERVED,
+        b"tcpserver: end PID status 0",
+        b"tcpserver: status: 0/40",
+    ]
+
+
+def test_program_missing_drops_each_client_and_the_server_carries_on() -> None:
+    outcome = program_missing(OUR_SERVER, "/nonexistent/program")
+    assert outcome.replies == [b"", b""]
+    assert outcome.facts["alive after"] is True
+    drop = b"tcpserver: warning: dropping connection, unable to run /nonexistent/program: file does not exist"
+    # The original's child logs `ok` before its exec fails; only pid and end lines go (differences item 1).
+    ok = b"tcpserver: ok PID 0:127.0.0.1:PORT :127.0.0.1::PORT"
+    assert outcome.log == [
+        b"tcpserver: status: 0/40",
+        *[b"tcpserver: status: 1/40", ok, drop, b"tcpserver: status: 0/40"] * 2,
+    ]
+
+
+def test_program_not_on_path() -> None:
+    outcome = program_missing(OUR_SERVER, "nonexistentprogram")
+    assert (
+        b"tcpserver: warning: dropping connection, unable to run nonexistentprogram: file does not exist" in outcome.log
+    )
+    assert outcome.facts["alive after"] is True
