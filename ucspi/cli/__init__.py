@@ -10,5 +10,5 @@ COMMANDS = ("tcprules", "tcprulescheck", "tcpserver")
 def run(command: str) -> None:
     """Run a command by name, for the launchers in bin/."""
     if command not in COMMANDS:
-        raise SystemExit(f"ucspi: unknown command {command!r}; link bin/NAME for one of {', '.join(COMMANDS)}")
+        raise SystemExit(f"ucspi: unknown command {command!r}; use one of {', '.join(COMMANDS)}")
     importlib.import_module(f"ucspi.cli.{command}").main()
