@@ -8,13 +8,14 @@ the loop's poll set, so new clients wait in the kernel's backlog as with the ori
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import queue
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 # Imported before -u/-g take effect: the installed package may not be readable afterwards.
 import uvloop
@@ -37,13 +38,23 @@ _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 _SPAWN_THREADS = 2
 
 
+@contextlib.contextmanager
+def _socket_of(fd: int) -> Iterator[socket.socket]:
+    """A socket object over a connection's descriptor for one use; the descriptor stays ours."""
+    sock = socket.socket(fileno=fd)
+    try:
+        yield sock
+    finally:
+        sock.detach()
+
+
 class Reaper:
     """Waits for every child in a thread of its own: no SIGCHLD (uvloop keeps it), no fd per child.
 
     A blocking waitpid(-1) returns as soon as any child ends; each end is handed to the loop.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_end: Callable[[int, int], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_end: Callable[[list[tuple[int, int]]], None]) -> None:
         self._loop = loop
         self._on_end = on_end
         self._children_may_exist = threading.Event()
@@ -55,13 +66,19 @@ class Reaper:
     def _run(self) -> None:
         while True:
             try:
-                pid, wait_status = os.waitpid(-1, 0)
+                ended = [os.waitpid(-1, 0)]
             except ChildProcessError:
                 # Cleared before the next waitpid: a child spawned after this point sets it again.
                 self._children_may_exist.wait()
                 self._children_may_exist.clear()
                 continue
-            self._loop.call_soon_threadsafe(self._on_end, pid, wait_status)
+            # Under load several children end together: one wakeup of the loop for all of them.
+            try:
+                while (more := os.waitpid(-1, os.WNOHANG))[0]:
+                    ended.append(more)
+            except ChildProcessError:
+                pass
+            self._loop.call_soon_threadsafe(self._on_end, ended)
 
 
 class SpawnThreads:
@@ -74,18 +91,18 @@ class SpawnThreads:
         loop: asyncio.AbstractEventLoop,
         spawner: Spawner,
         reaper: Reaper,
-        on_spawned: Callable[[socket.socket, Peer, int, OSError | None], None],
+        on_spawned: Callable[[int, Peer, int, OSError | None], None],
         count: int,
     ) -> None:
         self._loop = loop
         self._spawner = spawner
         self._reaper = reaper
         self._on_spawned = on_spawned
-        self._jobs: queue.SimpleQueue[tuple[socket.socket, list[bytes], Peer]] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[int, list[bytes], Peer]] = queue.SimpleQueue()
         for number in range(count):
             threading.Thread(target=self._work, name=f"spawn-{number}", daemon=True).start()
 
-    def submit(self, connection: socket.socket, environment: list[bytes], peer: Peer) -> None:
+    def submit(self, connection: int, environment: list[bytes], peer: Peer) -> None:
         self._jobs.put((connection, environment, peer))
 
     def _work(self) -> None:
@@ -93,7 +110,7 @@ class SpawnThreads:
             connection, environment, peer = self._jobs.get()
             pid, failure = 0, None
             try:
-                pid = self._spawner.spawn(connection.fileno(), environment)
+                pid = self._spawner.spawn(connection, environment)
             except OSError as error:
                 failure = error
             else:
@@ -120,6 +137,9 @@ class Server:
         self.log = log
         self.rules = RulesFile(options.rules_path) if options.rules_path is not None else None
         self.children = 0
+        # Bound to one address, every connection's local end is the listener's: no getsockname.
+        bound = listener.getsockname()
+        self._fixed_local: tuple[str, int] | None = None if bound[0] in ("0.0.0.0", "::") else bound[:2]
         self.pid = os.getpid()
         self._accepting = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -137,7 +157,7 @@ class Server:
         asyncio.set_event_loop(loop)
         # SIGTERM: exit 0 at once, children left running, as the original.
         loop.add_signal_handler(signal.SIGTERM, os._exit, 0)
-        self._reaper = Reaper(loop, self._child_ended)
+        self._reaper = Reaper(loop, self._children_ended)
         self._spawn_threads = SpawnThreads(loop, self.spawner, self._reaper, self._spawned, _SPAWN_THREADS)
         self._resume()
         loop.run_forever()
@@ -160,7 +180,8 @@ class Server:
                 self._pause()
                 return
             try:
-                connection, remote = self.listener.accept()
+                # The raw descriptor: a socket object would cost a getsockname (CPython checks the fd).
+                connection, remote = self.listener._accept()
             except BlockingIOError:
                 return
             except OSError as error:
@@ -179,22 +200,28 @@ class Server:
         self.log.status(self.children, self.limit)
         self._resume()
 
-    def _drop(self, connection: socket.socket, text: bytes) -> None:
+    def _drop(self, connection: int, text: bytes) -> None:
         self.log.drop(text)
-        connection.close()
+        os.close(connection)
         self._free_slot()
 
     # -- one connection, in the original's order -------------------------------------------------
 
-    def _begin(self, connection: socket.socket, remote: tuple[str, int]) -> None:
+    def _begin(self, connection: int, remote: tuple[str, int]) -> None:
         options = self.options
-        if options.no_delay:
-            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if options.banner:
-            try:
-                sent = connection.send(options.banner, _SEND_FLAGS)
-            except OSError as error:
-                self._drop(connection, b"unable to print banner: " + error_text(error).encode())
+        if options.no_delay or options.banner:
+            sent = len(options.banner)
+            failure: OSError | None = None
+            with _socket_of(connection) as sock:
+                if options.no_delay:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if options.banner:
+                    try:
+                        sent = sock.send(options.banner, _SEND_FLAGS)
+                    except OSError as error:
+                        failure = error
+            if failure is not None:
+                self._drop(connection, b"unable to print banner: " + error_text(failure).encode())
                 return
             if sent < len(options.banner):
                 self._spawn_task(self._finish_banner_then_gather(connection, remote, sent))
@@ -207,35 +234,42 @@ class Server:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _finish_banner_then_gather(self, connection: socket.socket, remote: tuple[str, int], sent: int) -> None:
+    async def _finish_banner_then_gather(self, connection: int, remote: tuple[str, int], sent: int) -> None:
         assert self._loop is not None
-        connection.setblocking(False)
-        try:
-            await self._loop.sock_sendall(connection, self.options.banner[sent:])
-        except OSError as error:
-            self._drop(connection, b"unable to print banner: " + error_text(error).encode())
+        with _socket_of(connection) as sock:
+            sock.setblocking(False)
+            try:
+                await self._loop.sock_sendall(sock, self.options.banner[sent:])
+                failure = None
+            except OSError as error:
+                failure = error
+            sock.setblocking(True)  # the program gets a blocking socket, as from the original
+        if failure is not None:
+            self._drop(connection, b"unable to print banner: " + error_text(failure).encode())
             return
-        connection.setblocking(True)  # the program gets a blocking socket, as from the original
         self._gather(connection, remote)
 
-    def _gather(self, connection: socket.socket, remote: tuple[str, int]) -> None:
-        try:
-            local = connection.getsockname()
-        except OSError as error:
-            self._drop(connection, b"unable to get local address: " + error_text(error).encode())
-            return
+    def _gather(self, connection: int, remote: tuple[str, int]) -> None:
+        local = self._fixed_local
+        if local is None:
+            try:
+                with _socket_of(connection) as sock:
+                    local = sock.getsockname()
+            except OSError as error:
+                self._drop(connection, b"unable to get local address: " + error_text(error).encode())
+                return
         if self.facts.needs_lookups:
             self._spawn_task(self._gather_then_decide(connection, local, remote))
         else:
             self._decide(connection, self.facts.known(local, remote))
 
     async def _gather_then_decide(
-        self, connection: socket.socket, local: tuple[str, int], remote: tuple[str, int]
+        self, connection: int, local: tuple[str, int], remote: tuple[str, int]
     ) -> None:
         peer = await self.facts.gather(local, remote)
         self._decide(connection, peer)
 
-    def _decide(self, connection: socket.socket, peer: Peer) -> None:
+    def _decide(self, connection: int, peer: Peer) -> None:
         decision: Decision = NO_RULE
         if self.rules is not None:
             try:
@@ -251,12 +285,12 @@ class Server:
             # No child for a denied client (differences item 1): the server's pid in the line.
             if self.log.verbose:
                 self.log.verdict(self._verdict(b"deny", self.pid, peer))
-            connection.close()
+            os.close(connection)
             self._free_slot()
             return
         self._spawn(connection, peer, decision)
 
-    def _drop_rules(self, connection: socket.socket, error: OSError) -> None:
+    def _drop_rules(self, connection: int, error: OSError) -> None:
         assert self.options.rules_path is not None
         self._drop(connection, b"unable to read " + self.options.rules_path + b": " + error_text(error).encode())
 
@@ -274,7 +308,7 @@ class Server:
             peer.remote_port,
         )
 
-    def _spawn(self, connection: socket.socket, peer: Peer, decision: Decision) -> None:
+    def _spawn(self, connection: int, peer: Peer, decision: Decision) -> None:
         changes: list[tuple[bytes, bytes | None]] = [
             (b"PROTO", b"TCP"),
             (b"TCPLOCALIP", peer.local_ip),
@@ -290,7 +324,7 @@ class Server:
         assert self._spawn_threads is not None
         self._spawn_threads.submit(connection, self.environment.build(changes), peer)
 
-    def _spawned(self, connection: socket.socket, peer: Peer, pid: int, failure: OSError | None) -> None:
+    def _spawned(self, connection: int, peer: Peer, pid: int, failure: OSError | None) -> None:
         if failure is not None:
             # The original's child logged `ok` before its exec failed; no child here, so the
             # server's own pid stands in the line (differences item 1).
@@ -300,11 +334,15 @@ class Server:
             return
         if self.log.verbose:
             self.log.served(pid, peer.remote_ip, self._verdict(b"ok", pid, peer))
-        connection.close()
+        os.close(connection)
         self._running.add(pid)
         early_status = self._early_ends.pop(pid, None)
         if early_status is not None:
             self._child_ended(pid, early_status)
+
+    def _children_ended(self, ended: list[tuple[int, int]]) -> None:
+        for pid, wait_status in ended:
+            self._child_ended(pid, wait_status)
 
     def _child_ended(self, pid: int, wait_status: int) -> None:
         if pid not in self._running:
