@@ -1,8 +1,9 @@
 """The accept loop: the -c limit, each client's decision, spawning, reaping, signals (spec 6.5).
 
-Everything runs on one uvloop loop. A connection takes a slot when it is accepted and gives it
-back when it is denied, dropped or its program has been reaped; at the limit the listener leaves
-the loop's poll set, so new clients wait in the kernel's backlog as with the original.
+Everything runs on one uvloop loop, but for posix_spawn calls made from worker threads under
+load. A connection takes a slot when it is accepted and gives it back when it is denied, dropped
+or its program has been reaped; at the limit the listener leaves the loop's poll set, so new
+clients wait in the kernel's backlog as with the original.
 """
 
 from __future__ import annotations
@@ -48,39 +49,6 @@ def _socket_of(fd: int) -> Iterator[socket.socket]:
         sock.detach()
 
 
-class Reaper:
-    """Waits for every child in a thread of its own: no SIGCHLD (uvloop keeps it), no fd per child.
-
-    A blocking waitpid(-1) returns as soon as any child ends; each end is handed to the loop.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_end: Callable[[list[tuple[int, int]]], None]) -> None:
-        self._loop = loop
-        self._on_end = on_end
-        self._children_may_exist = threading.Event()
-        threading.Thread(target=self._run, name="reaper", daemon=True).start()
-
-    def spawned(self) -> None:
-        self._children_may_exist.set()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                ended = [os.waitpid(-1, 0)]
-            except ChildProcessError:
-                # Cleared before the next waitpid: a child spawned after this point sets it again.
-                self._children_may_exist.wait()
-                self._children_may_exist.clear()
-                continue
-            # Under load several children end together: one wakeup of the loop for all of them.
-            try:
-                while (more := os.waitpid(-1, os.WNOHANG))[0]:
-                    ended.append(more)
-            except ChildProcessError:
-                pass
-            self._loop.call_soon_threadsafe(self._on_end, ended)
-
-
 class SpawnThreads:
     """posix_spawn from a few worker threads, so the ~0.5 ms a vfork'd child takes to exec holds
     neither the loop nor (ctypes releases it) the GIL: accepting goes on while programs start.
@@ -90,13 +58,11 @@ class SpawnThreads:
         self,
         loop: asyncio.AbstractEventLoop,
         spawner: Spawner,
-        reaper: Reaper,
         on_spawned: Callable[[int, Peer, int, OSError | None], None],
         count: int,
     ) -> None:
         self._loop = loop
         self._spawner = spawner
-        self._reaper = reaper
         self._on_spawned = on_spawned
         self._jobs: queue.SimpleQueue[tuple[int, list[bytes], Peer]] = queue.SimpleQueue()
         for number in range(count):
@@ -106,6 +72,8 @@ class SpawnThreads:
         self._jobs.put((connection, environment, peer))
 
     def _work(self) -> None:
+        # SIGCHLD goes to the loop's thread; the child's own mask is set by the spawn attributes.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         while True:
             connection, environment, peer = self._jobs.get()
             pid, failure = 0, None
@@ -113,8 +81,6 @@ class SpawnThreads:
                 pid = self._spawner.spawn(connection, environment)
             except OSError as error:
                 failure = error
-            else:
-                self._reaper.spawned()
             self._loop.call_soon_threadsafe(self._on_spawned, connection, peer, pid, failure)
 
 
@@ -143,9 +109,10 @@ class Server:
         self.pid = os.getpid()
         self._accepting = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reaper: Reaper | None = None
         self._spawn_threads: SpawnThreads | None = None
-        # Children spawned and not yet reaped; ends that the reaper saw before the spawn was reported.
+        self._spawns_in_flight = 0
+        self._reap_scheduled = False
+        # Children spawned and not yet reaped; ends reaped before their spawn was reported back.
         self._running: set[int] = set()
         self._early_ends: dict[int, int] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -157,8 +124,10 @@ class Server:
         asyncio.set_event_loop(loop)
         # SIGTERM: exit 0 at once, children left running, as the original.
         loop.add_signal_handler(signal.SIGTERM, os._exit, 0)
-        self._reaper = Reaper(loop, self._children_ended)
-        self._spawn_threads = SpawnThreads(loop, self.spawner, self._reaper, self._spawned, _SPAWN_THREADS)
+        # Reaping: uvloop refuses add_signal_handler(SIGCHLD), but a plain handler works; it
+        # only schedules a waitpid(WNOHANG) round on the loop, so no descriptor per child.
+        signal.signal(signal.SIGCHLD, self._on_sigchld)
+        self._spawn_threads = SpawnThreads(loop, self.spawner, self._spawned, _SPAWN_THREADS)
         self._resume()
         loop.run_forever()
 
@@ -321,10 +290,21 @@ class Server:
         ]
         if decision.data:
             changes.extend(decision.environment)
+        environment = self.environment.build(changes)
+        if self.children == 1 and not self._spawns_in_flight:
+            # The only client: handing it to a thread would only add two wakeups to its latency.
+            try:
+                self._spawned(connection, peer, self.spawner.spawn(connection, environment), None, inline=True)
+            except OSError as error:
+                self._spawned(connection, peer, 0, error, inline=True)
+            return
         assert self._spawn_threads is not None
-        self._spawn_threads.submit(connection, self.environment.build(changes), peer)
+        self._spawns_in_flight += 1
+        self._spawn_threads.submit(connection, environment, peer)
 
-    def _spawned(self, connection: int, peer: Peer, pid: int, failure: OSError | None) -> None:
+    def _spawned(self, connection: int, peer: Peer, pid: int, failure: OSError | None, inline: bool = False) -> None:
+        if not inline:
+            self._spawns_in_flight -= 1
         if failure is not None:
             # The original's child logged `ok` before its exec failed; no child here, so the
             # server's own pid stands in the line (differences item 1).
@@ -340,8 +320,21 @@ class Server:
         if early_status is not None:
             self._child_ended(pid, early_status)
 
-    def _children_ended(self, ended: list[tuple[int, int]]) -> None:
-        for pid, wait_status in ended:
+    def _on_sigchld(self, _signal: int, _frame: object) -> None:
+        if not self._reap_scheduled:
+            self._reap_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._reap)
+
+    def _reap(self) -> None:
+        self._reap_scheduled = False  # a SIGCHLD from now on schedules another round
+        while True:
+            try:
+                pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
             self._child_ended(pid, wait_status)
 
     def _child_ended(self, pid: int, wait_status: int) -> None:
