@@ -37,6 +37,7 @@ _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 # Two spawning threads keep both cores busy with starting programs on this 2-core class of machine.
 _SPAWN_THREADS = 2
+_MAX_WAITING_SPAWNS = 16
 
 
 @contextlib.contextmanager
@@ -131,8 +132,13 @@ class Server:
         self._resume()
         loop.run_forever()
 
+    def _can_accept(self) -> bool:
+        # Connections waiting for a spawning thread hold a descriptor each: keep them few, as the
+        # original, whose parent hands each one to its child at once, holds one at a time.
+        return self.children < self.limit and self._spawns_in_flight < _MAX_WAITING_SPAWNS
+
     def _resume(self) -> None:
-        if not self._accepting and self.children < self.limit:
+        if not self._accepting and self._can_accept():
             assert self._loop is not None
             self._loop.add_reader(self.listener.fileno(), self._accept_clients)
             self._accepting = True
@@ -145,7 +151,7 @@ class Server:
 
     def _accept_clients(self) -> None:
         for _ in range(_ACCEPT_BATCH):
-            if self.children >= self.limit:
+            if not self._can_accept():
                 self._pause()
                 return
             try:
@@ -305,6 +311,7 @@ class Server:
     def _spawned(self, connection: int, peer: Peer, pid: int, failure: OSError | None, inline: bool = False) -> None:
         if not inline:
             self._spawns_in_flight -= 1
+            self._resume()
         if failure is not None:
             # The original's child logged `ok` before its exec failed; no child here, so the
             # server's own pid stands in the line (differences item 1).
