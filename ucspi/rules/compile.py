@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import cdbx
 
 from ucspi.errors import EXIT_PERMANENT, EXIT_TEMPORARY, Fatal, error_text
+from ucspi.rules.cidr import CIDR_LENGTHS_KEY
 from ucspi.rules.syntax import RuleSyntaxError, add_records
 
 # Whole lines of a block go through one regex findall: big enough to amortise the calls, small
@@ -55,7 +56,9 @@ def compile_rules(input_fd: int, cdb_path: bytes, tmp_path: bytes) -> None:
     try:
         # Given a descriptor, cdbx never deletes the file: a failed run leaves TMP as tcprules does.
         maker = cdbx.CDB.make(tmp_fd, close=False, mmap=False)
-        add_records(_blocks(input_fd), maker.add)
+        lengths = add_records(_blocks(input_fd), maker.add).record_data()
+        if lengths is not None:
+            maker.add(CIDR_LENGTHS_KEY, lengths)  # only with CIDR rules: 0.88 files stay identical
         maker.commit().close()
         os.fsync(tmp_fd)
         closing_fd, tmp_fd = tmp_fd, -1
