@@ -12,7 +12,8 @@ import os
 
 import cdbx
 
-from ucspi.rules.lookup import Decision, find_rule
+from ucspi.rules.cidr import NO_CIDR, CidrLengths
+from ucspi.rules.lookup import Decision, find_rule, read_cidr_lengths
 
 
 class RulesFile:
@@ -20,6 +21,7 @@ class RulesFile:
         self.path = path
         self._identity: tuple[int, ...] | None = None
         self._cdb: cdbx.CDB | None = None
+        self._cidr_lengths: CidrLengths = NO_CIDR  # read once per opened file
 
     def _reader(self) -> cdbx.CDB:
         status = os.stat(self.path)
@@ -29,19 +31,23 @@ class RulesFile:
             # Our own descriptor (close-on-exec) so that no child ever inherits it.
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                self._cdb = cdbx.CDB(fd, close=True, mmap=False)
+                cdb = cdbx.CDB(fd, close=True, mmap=False)
             except BaseException:
                 os.close(fd)
                 raise
+            self._cidr_lengths = read_cidr_lengths(cdb.get)
+            self._cdb = cdb
             self._identity = identity
         return self._cdb
 
     def decide(self, ip: bytes, host: bytes | None, info: bytes | None) -> Decision:
         """The rule for a client; OSError as the original reports it (cdb format errors included)."""
-        return find_rule(self._reader().get, ip, host, info)
+        reader = self._reader()
+        return find_rule(reader.get, ip, host, info, self._cidr_lengths)
 
     def close(self) -> None:
         if self._cdb is not None:
             self._cdb.close()
         self._cdb = None
         self._identity = None
+        self._cidr_lengths = NO_CIDR

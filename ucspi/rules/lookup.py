@@ -1,9 +1,28 @@
-"""Peer facts -> the rule that applies (spec 5). The one lookup for tcpserver and tcprulescheck."""
+"""Peer facts -> the rule that applies (spec 5). The one lookup for tcpserver and tcprulescheck.
+
+0.88's order, with the IPv6 build's prefixes (cut at "." or ":", spec 8.1) and ucspi-tcp6's
+CIDR keys, longest first, right after them (spec 8.2):
+INFO@IP, INFO@=HOST, IP, =HOST, IP prefixes, CIDR keys, =HOST suffixes, =, the empty key.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+
+from ucspi.address import (
+    IPV4_CIDR_MARKER,
+    IPV6_CIDR_MARKER,
+    address_bits,
+    cidr_from_key,
+    format_ipv4,
+    format_ipv6,
+    format_network,
+    is_v4_mapped,
+    parse_ipv4,
+    parse_ipv6,
+)
+from ucspi.rules.cidr import CIDR_LENGTHS_KEY, NO_CIDR, CidrLengths, decode_cidr_lengths
 
 # A cdb reader's get(): the first record's data for a key, or None.
 RecordGetter = Callable[[bytes], "bytes | None"]
@@ -11,10 +30,12 @@ RecordGetter = Callable[[bytes], "bytes | None"]
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The matching rule: its key and raw record data; key None means no rule matched."""
+    """The matching rule: its key and raw record data; key None means no rule matched; cidr
+    True when the key is a CIDR key (tcprulescheck shows it as a network)."""
 
     key: bytes | None
     data: bytes = b""
+    cidr: bool = False
 
     def chunks(self) -> Iterator[bytes]:
         """The NUL-terminated chunks of the data; a trailing chunk without NUL is ignored."""
@@ -43,8 +64,26 @@ class Decision:
 NO_RULE = Decision(None)
 
 
-def candidate_keys(ip: bytes, host: bytes | None, info: bytes | None) -> Iterator[bytes]:
-    """The keys to try, in the original's order; host and info None when unset (not empty)."""
+def lookup_address(ip: bytes) -> tuple[bytes, bytes | None]:
+    """TCPREMOTEIP -> (the text its keys are made of, the packed address for CIDR keys or None).
+
+    An IPv6 address in any spelling becomes its RFC 5952 text (what tcprules stores); a
+    v4-mapped one (`::ffff:1.2.3.4`, given under -6) becomes its dotted quad, so IPv4 rules and
+    IPv4 CIDR apply to it. Any other string is used as it is, without CIDR (0.88 looks up any
+    string). Cheap for a dotted quad: it is parsed only when CIDR keys are probed.
+    """
+    if b":" not in ip:
+        return ip, None
+    packed = parse_ipv6(ip)
+    if packed is None:
+        return ip, None
+    if is_v4_mapped(packed):
+        return format_ipv4(packed[12:]), packed[12:]
+    return format_ipv6(packed), packed
+
+
+def _leading_keys(ip: bytes, host: bytes | None, info: bytes | None) -> Iterator[bytes]:
+    """Steps 1-5 of spec 5: INFO@IP, INFO@=HOST, IP, =HOST, the IP's prefixes."""
     if info is not None:
         yield info + b"@" + ip
         if host is not None:
@@ -52,10 +91,15 @@ def candidate_keys(ip: bytes, host: bytes | None, info: bytes | None) -> Iterato
     yield ip
     if host is not None:
         yield b"=" + host
-    # Every prefix of the IP that ends in a dot, longest first (any string, not only IPs).
+    # Every prefix of the IP that ends in "." or ":" (spec 8.1), longest first; any string, not
+    # only IPs. No 0.88 key holds a ":", so cutting there too changes nothing for 0.88 files.
     for length in range(len(ip), 0, -1):
-        if ip[length - 1] == 0x2E:
+        if ip[length - 1] in b".:":
             yield ip[:length]
+
+
+def _trailing_keys(host: bytes | None) -> Iterator[bytes]:
+    """Steps 6-8 of spec 5: the host's suffixes, `=`, the empty key."""
     if host is not None:
         for position in range(len(host)):
             if host[position] == 0x2E:
@@ -64,9 +108,75 @@ def candidate_keys(ip: bytes, host: bytes | None, info: bytes | None) -> Iterato
     yield b""
 
 
-def find_rule(get: RecordGetter, ip: bytes, host: bytes | None, info: bytes | None) -> Decision:
-    """The first candidate key present in the rules; cdb errors (OSError) propagate."""
-    for key in candidate_keys(ip, host, info):
+def cidr_keys(packed: bytes | None, lengths: CidrLengths) -> Iterator[bytes]:
+    """The CIDR keys of an address for the recorded lengths of its family, longest first."""
+    if packed is None:
+        return
+    recorded = lengths.ipv4 if len(packed) == 4 else lengths.ipv6
+    if not recorded:
+        return
+    marker = IPV4_CIDR_MARKER if len(packed) == 4 else IPV6_CIDR_MARKER
+    bits = address_bits(packed)
+    for length in recorded:
+        yield marker + bits[:length]
+
+
+def _cidr_address(ip: bytes, packed: bytes | None, lengths: CidrLengths) -> bytes | None:
+    """The packed address for CIDR keys; a dotted quad is parsed only when IPv4 keys are probed."""
+    if packed is None and lengths.ipv4:
+        packed = parse_ipv4(ip)
+    return packed
+
+
+def candidate_keys(
+    ip: bytes, host: bytes | None, info: bytes | None, lengths: CidrLengths = NO_CIDR
+) -> Iterator[bytes]:
+    """The keys to try, in order; host and info None when unset (not empty)."""
+    ip, packed = lookup_address(ip)
+    yield from _leading_keys(ip, host, info)
+    yield from cidr_keys(_cidr_address(ip, packed, lengths), lengths)
+    yield from _trailing_keys(host)
+
+
+def read_cidr_lengths(get: RecordGetter) -> CidrLengths:
+    """The CIDR lengths recorded in a rules file (none in a 0.88 file).
+
+    A cdb error here means none: 0.88 never reads this key, so a damaged file fails (or not)
+    on the keys the original probes, as it would there.
+    """
+    try:
+        return decode_cidr_lengths(get(CIDR_LENGTHS_KEY))
+    except OSError:
+        return NO_CIDR
+
+
+def find_rule(
+    get: RecordGetter,
+    ip: bytes,
+    host: bytes | None,
+    info: bytes | None,
+    lengths: CidrLengths | None = None,
+) -> Decision:
+    """The first candidate key present in the rules; cdb errors (OSError) propagate.
+
+    ip is TCPREMOTEIP as the server sets it: a dotted quad for IPv4 and v4-mapped clients
+    (or `::ffff:a.b.c.d` under -6: looked up by its dotted quad all the same), RFC 5952 text
+    for IPv6. lengths: the file's recorded CIDR lengths, read from it when not given (a server
+    passes the copy it keeps with the open file).
+    """
+    ip, packed = lookup_address(ip)
+    for key in _leading_keys(ip, host, info):
+        data = get(key)
+        if data is not None:
+            return Decision(key, data)
+    if lengths is None:
+        lengths = read_cidr_lengths(get)
+    if lengths:
+        for key in cidr_keys(_cidr_address(ip, packed, lengths), lengths):
+            data = get(key)
+            if data is not None:
+                return Decision(key, data, cidr=True)
+    for key in _trailing_keys(host):
         data = get(key)
         if data is not None:
             return Decision(key, data)
@@ -77,7 +187,10 @@ def describe(decision: Decision) -> bytes:
     """tcprulescheck's report: the matching key, the variables, then allow or deny (spec 4)."""
     if decision.key is None:
         return b"default:\nallow connection\n"
-    lines = [b"rule " + decision.key + b":\n"]
+    shown = decision.key
+    if decision.cidr and (network := cidr_from_key(decision.key)) is not None:
+        shown = format_network(*network)  # `10.0.0.0/8`, not the key's bit characters
+    lines = [b"rule " + shown + b":\n"]
     for chunk in decision.chunks():
         if chunk[:1] == b"D":
             lines.append(b"deny connection\n")  # the original stops at the deny marker
