@@ -1,4 +1,7 @@
-"""tcprulescheck CDB: show which rule applies to the client in TCPREMOTEIP/HOST/INFO (spec 4)."""
+"""tcprulescheck CDB: show which rule applies to the client in TCPREMOTEIP/HOST/INFO (spec 4).
+
+TCPREMOTEIP may be IPv6 in any spelling; a CIDR match is shown as its network (lookup.describe).
+"""
 
 from __future__ import annotations
 
