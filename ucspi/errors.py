@@ -120,10 +120,11 @@ def error_text(error: BaseException | int | None) -> str:
 class Fatal(Exception):
     """A message for stderr and the exit code the original gives with it."""
 
-    def __init__(self, message: bytes | str, exit_code: int) -> None:
+    def __init__(self, message: bytes | str, exit_code: int, errno: int | None = None) -> None:
         super().__init__(message)
         self.message = message.encode("latin-1") if isinstance(message, str) else message
         self.exit_code = exit_code
+        self.errno = errno  # the system error behind it, if any
 
 
 def die(message: bytes, exit_code: int) -> None:

@@ -9,7 +9,12 @@ import pytest
 from scenarios import bundled_options, command_line, port_in_use
 from serverproc import OUR_SERVER
 
+# Ours is the usage line of Debian's IPv6 build (differences item 6); the 0.88 one differs.
 USAGE = (
+    b"tcpserver: usage: tcpserver [ -461UXpPhHrRoOdDqQv ] [ -c limit ] [ -x rules.cdb ] [ -B banner ]"
+    b" [ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ] [ -I interface ] host port program"
+)
+ORIGINAL_USAGE = (
     b"tcpserver: usage: tcpserver [ -1UXpPhHrRoOdDqQv ] [ -c limit ] [ -x rules.cdb ] [ -B banner ]"
     b" [ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ] host port program"
 )

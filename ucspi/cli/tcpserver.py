@@ -108,8 +108,8 @@ def serve(options: ServerOptions, operands: list[str], log: Log, initial_environ
     from ucspi.server.peer import PeerFacts
     from ucspi.server.spawn import Environment, Spawner
 
-    local_ip = resolve_host(host)
-    listener = bind_listener(local_ip, port, options.backlog)
+    local_ip = resolve_host(host, options.ipv4_only)
+    listener = bind_listener(local_ip, port, options.backlog, options.ipv4_only, options.interface)
     # Looked up as getenv does: the first entry of a name wins.
     environ = first_values(initial_environment)
     # Made before the ids change (spec 6.4 step 5), so that every module the lookups need is

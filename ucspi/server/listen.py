@@ -15,7 +15,8 @@ def _fatal(text: str, error: BaseException | int | None = None) -> Fatal:
     message = "tcpserver: fatal: " + text
     if error is not None:
         message += ": " + error_text(error)
-    return Fatal(os.fsencode(message), EXIT_TEMPORARY)
+    number = error if isinstance(error, int) else getattr(error, "errno", None)
+    return Fatal(os.fsencode(message), EXIT_TEMPORARY, number)
 
 
 def resolve_port(port: str) -> int:
@@ -45,46 +46,75 @@ def _dotted_quad(host: str) -> str | None:
     return ".".join(str(octet) for octet in octets[:4])
 
 
-def resolve_host(host: str) -> str:
-    """The IPv4 address to bind: `0` and the empty string are all addresses (spec 6.3).
+ALL_ADDRESSES = ""  # host `0` or empty: IPv4 and IPv6 on one socket, or 0.0.0.0 with -4
 
-    Literal addresses are parsed as strictly as the original; names go through the system
-    resolver, so /etc/hosts is honoured (differences item 3).
+
+def resolve_host(host: str, ipv4_only: bool = False) -> str:
+    """The address to bind: ALL_ADDRESSES for `0` and the empty string (spec 6.3), else an IP.
+
+    Literal addresses are parsed as strictly as the original (IPv6 ones as inet_pton does); names
+    go through the system resolver, so /etc/hosts is honoured (differences item 3), IPv4 first
+    as 0.88 looks up A records only, IPv6 when a name has no IPv4 address.
     """
     if host in ("", "0"):
-        return "0.0.0.0"
+        return ALL_ADDRESSES
     if set(host) <= _DOTTED_CHARACTERS:
         address = _dotted_quad(host)
         if address is None:
             raise _fatal("no IP address for " + host)
         return address
+    if ":" in host:
+        try:
+            socket.inet_pton(socket.AF_INET6, host)
+        except (OSError, UnicodeError):
+            raise _fatal("no IP address for " + host) from None
+        if ipv4_only:
+            raise _fatal("no IP address for " + host)
+        return host
     temporary = f"temporarily unable to figure out IP address for {host}"
     # djb's resolver refuses a label over 63 bytes as a protocol error before asking anyone.
     if any(len(label.encode("utf-8", "surrogateescape")) > 63 for label in host.split(".")):
         raise _fatal(temporary, errno.EPROTO)
-    try:
-        answers = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
-    except socket.gaierror as error:
-        if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
-            raise _fatal("no IP address for " + host) from None
-        raise _fatal(temporary, errno.EAGAIN) from None
-    except (UnicodeError, OSError) as error:
-        raise _fatal(temporary, error if isinstance(error, OSError) else errno.EINVAL) from None
-    if not answers:
-        raise _fatal("no IP address for " + host)
-    return str(answers[0][4][0])
+    families = (socket.AF_INET,) if ipv4_only else (socket.AF_INET, socket.AF_INET6)
+    for family in families:
+        try:
+            answers = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
+        except socket.gaierror as error:
+            if error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+                continue
+            if error.errno == getattr(socket, "EAI_ADDRFAMILY", None):
+                continue
+            raise _fatal(temporary, errno.EAGAIN) from None
+        except (UnicodeError, OSError) as error:
+            raise _fatal(temporary, error if isinstance(error, OSError) else errno.EINVAL) from None
+        if answers:
+            return str(answers[0][4][0])
+    raise _fatal("no IP address for " + host)
 
 
-def bind_listener(ip: str, port: int, backlog: int) -> socket.socket:
-    """A listening TCP socket with SO_REUSEADDR, non-blocking for the event loop."""
+def _interface_index(interface: bytes | None) -> int:
+    """-I: the scope of a link-local address; an unknown name is 0, as if_nametoindex says."""
+    if not interface:
+        return 0
     try:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        return socket.if_nametoindex(os.fsdecode(interface))
+    except OSError:
+        return 0
+
+
+def _listening_socket(family: int, address: tuple, backlog: int, dual_stack: bool | None) -> socket.socket:
+    """dual_stack None leaves IPV6_V6ONLY at the system's default, as the IPv6 build does."""
+    try:
+        listener = socket.socket(family, socket.SOCK_STREAM)
     except OSError as error:
         raise _fatal("unable to create socket", error) from None
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6 and dual_stack is not None:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
     try:
-        listener.bind((ip, port))
+        listener.bind(address)
     except OSError as error:
+        listener.close()
         raise _fatal("unable to bind", error) from None
     # listen() takes an int: the original's unsigned long is cut the same way; the kernel caps it.
     backlog = backlog & 0xFFFFFFFF
@@ -94,6 +124,28 @@ def bind_listener(ip: str, port: int, backlog: int) -> socket.socket:
         raise _fatal("unable to listen", error) from None
     listener.setblocking(False)
     return listener
+
+
+def bind_listener(
+    ip: str, port: int, backlog: int, ipv4_only: bool = False, interface: bytes | None = None
+) -> socket.socket:
+    """A listening TCP socket with SO_REUSEADDR, non-blocking for the event loop.
+
+    All addresses: one IPv6 socket that also takes IPv4 clients (as v4-mapped addresses), or
+    0.0.0.0 with -4 or where the host has no IPv6.
+    """
+    if ip == ALL_ADDRESSES:
+        if not ipv4_only and socket.has_ipv6:
+            try:
+                return _listening_socket(socket.AF_INET6, ("::", port), backlog, dual_stack=True)
+            except Fatal as fatal:
+                # No IPv6 here (no kernel support, or disabled): IPv4 alone, as the 0.88 server.
+                if fatal.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                    raise
+        return _listening_socket(socket.AF_INET, ("0.0.0.0", port), backlog, None)
+    if ":" in ip:
+        return _listening_socket(socket.AF_INET6, (ip, port, 0, _interface_index(interface)), backlog, None)
+    return _listening_socket(socket.AF_INET, (ip, port), backlog, None)
 
 
 def drop_privileges(uid: int, gid: int) -> None:

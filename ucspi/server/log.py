@@ -74,15 +74,19 @@ def verdict_line(
     remote_info: bytes | None,
     remote_port: int,
 ) -> bytes:
-    """`ok|deny PID LOCALHOST:LOCALIP:LOCALPORT REMOTEHOST:REMOTEIP:REMOTEINFO:REMOTEPORT\\n`."""
+    """`ok|deny PID LOCALHOST:LOCALIP:LOCALPORT REMOTEHOST:REMOTEIP:REMOTEINFO:REMOTEPORT\\n`.
+
+    The addresses are ours (dotted quads, or RFC 5952 text whose colons the IPv6 build leaves
+    as they are); host names and ident replies are the client's, and made safe.
+    """
     return b"%s %d %s:%s:%d %s:%s:%s:%d\n" % (
         verdict,
         pid,
         b"" if local_host is None else sanitize(local_host),
-        sanitize(local_ip),
+        local_ip,
         local_port,
         b"" if remote_host is None else sanitize(remote_host),
-        sanitize(remote_ip),
+        remote_ip,
         b"" if remote_info is None else sanitize(remote_info),
         remote_port,
     )

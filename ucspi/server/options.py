@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 
 from ucspi.cli.getopt import scan_ulong
 
+# The usage line of Debian's IPv6 build, whose options we have (differences item 6).
 USAGE = (
-    "tcpserver: usage: tcpserver [ -1UXpPhHrRoOdDqQv ] [ -c limit ] [ -x rules.cdb ] [ -B banner ]"
-    " [ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ] host port program"
+    "tcpserver: usage: tcpserver [ -461UXpPhHrRoOdDqQv ] [ -c limit ] [ -x rules.cdb ] [ -B banner ]"
+    " [ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ] [ -I interface ]"
+    " host port program"
 )
 
 # (letter, argument name or None, help). Order is the man page's.
@@ -38,6 +40,9 @@ OPTION_TABLE: tuple[tuple[str, str | None, str], ...] = (
     ("r", None, "ask the client's identd for TCPREMOTEINFO (default)"),
     ("R", None, "no ident lookup"),
     ("t", "timeout", "give up on the ident lookup after TIMEOUT seconds (default 26)"),
+    ("4", None, "IPv4 only: host 0 listens on 0.0.0.0 instead of IPv4 and IPv6"),
+    ("6", None, "present IPv4 clients on an IPv6 socket as IPv6 (::ffff:a.b.c.d, PROTO=TCP6)"),
+    ("I", "interface", "the interface (scope) of a link-local address to listen on"),
 )
 
 FLAG_LETTERS = "".join(letter for letter, argument, _ in OPTION_TABLE if argument is None)
@@ -63,6 +68,9 @@ class ServerOptions:
     remote_info: bool = True
     ident_timeout: int = 26
     print_port: bool = False
+    ipv4_only: bool = False
+    mapped_as_ipv6: bool = False
+    interface: bytes | None = None
     operands: list[str] = field(default_factory=list)
 
 
@@ -121,4 +129,10 @@ def apply_options(parsed: list[tuple[str, str | None]], environ: dict[bytes, byt
                 options.remote_info = False
             case "t":
                 options.ident_timeout = scan_ulong(value)
+            case "4":
+                options.ipv4_only = True
+            case "6":
+                options.mapped_as_ipv6 = True
+            case "I":
+                options.interface = os.fsencode(value)
     return options

@@ -7,19 +7,28 @@ client. The DNS library is imported only when an option needs it.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ucspi.address import format_ipv4, format_ipv6, is_v4_mapped
 from ucspi.server.options import ServerOptions
 
 if TYPE_CHECKING:
     from ucspi.server.dns import StubResolver
 
+# A socket address as Python gives it: (host, port) for IPv4, (host, port, flow, scope) for IPv6.
+SocketAddress = tuple
+
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """Everything the rules, the log line and the program's environment need to know."""
+    """Everything the rules, the log line and the program's environment need to know.
+
+    An IPv4 client is an IPv4 client whatever socket it came in on: dotted quads, PROTO=TCP, the
+    0.88 environment. `ipv6` is true for IPv6 clients, and for v4-mapped ones under -6.
+    """
 
     local_ip: bytes
     local_port: int
@@ -28,6 +37,40 @@ class Peer:
     remote_port: int
     remote_host: bytes | None
     remote_info: bytes | None
+    ipv6: bool = False
+    rules_ip: bytes = b""  # what the rules see: a v4-mapped client's dotted quad, even under -6
+    interface: bytes | None = None  # TCP6INTERFACE, for a scoped (link-local) connection
+
+
+@dataclass(frozen=True, slots=True)
+class _Side:
+    shown: bytes  # as the environment and the log show it
+    plain: str  # for DNS and ident: a dotted quad for an IPv4 client
+    port: int
+    ipv6: bool
+    scope: int
+
+
+def _side(address: SocketAddress, mapped_as_ipv6: bool) -> _Side:
+    host, port = address[0], address[1]
+    if len(address) == 2:
+        return _Side(host.encode(), host, port, False, 0)
+    packed = socket.inet_pton(socket.AF_INET6, host)
+    if is_v4_mapped(packed):
+        dotted = format_ipv4(packed[12:])
+        shown = format_ipv6(packed) if mapped_as_ipv6 else dotted
+        return _Side(shown, dotted.decode(), port, mapped_as_ipv6, 0)
+    shown = format_ipv6(packed)
+    return _Side(shown, shown.decode(), port, True, address[3])
+
+
+def _interface_name(scope: int) -> bytes | None:
+    if not scope:
+        return None
+    try:
+        return socket.if_indextoname(scope).encode()
+    except OSError:
+        return None
 
 
 class PeerFacts:
@@ -39,6 +82,7 @@ class PeerFacts:
         self.paranoid = options.paranoid
         self.remote_info = options.remote_info
         self.ident_timeout = options.ident_timeout
+        self.mapped_as_ipv6 = options.mapped_as_ipv6
         self.resolver: StubResolver | None = None
         if self.local_host is None or self.remote_host:
             from ucspi.server.dns import StubResolver
@@ -50,20 +94,42 @@ class PeerFacts:
         # -H -R -l NAME: everything is known at accept time, no coroutine needed.
         self.needs_lookups = self.resolver is not None or self.remote_info
 
-    def known(self, local: tuple[str, int], remote: tuple[str, int]) -> Peer:
-        """The facts when no lookup is needed."""
-        return Peer(local[0].encode(), local[1], self.local_host, remote[0].encode(), remote[1], None, None)
-
-    async def gather(self, local: tuple[str, int], remote: tuple[str, int]) -> Peer:
-        local_ip, local_port = local
-        remote_ip, remote_port = remote
-        local_host_lookup = self._local_name(local_ip)
-        remote_host_lookup = self._remote_name(remote_ip)
-        ident_lookup = self._ident(local_ip, local_port, remote_ip, remote_port)
-        local_host, remote_host, remote_info = await asyncio.gather(local_host_lookup, remote_host_lookup, ident_lookup)
+    def _peer(
+        self, local: _Side, remote: _Side, local_host: bytes | None, remote_host: bytes | None, info: bytes | None
+    ) -> Peer:
+        ipv6 = remote.ipv6
         return Peer(
-            local_ip.encode(), local_port, local_host, remote_ip.encode(), remote_port, remote_host, remote_info
+            local.shown,
+            local.port,
+            local_host,
+            remote.shown,
+            remote.port,
+            remote_host,
+            info,
+            ipv6,
+            remote.plain.encode(),
+            _interface_name(local.scope) if ipv6 else None,
         )
+
+    def known(self, local: SocketAddress, remote: SocketAddress) -> Peer:
+        """The facts when no lookup is needed."""
+        if len(remote) == 2:  # an IPv4 socket: the common case, kept short
+            return Peer(
+                local[0].encode(), local[1], self.local_host, remote[0].encode(), remote[1], None, None, False,
+                remote[0].encode(),
+            )  # fmt: skip
+        mapped = self.mapped_as_ipv6
+        return self._peer(_side(local, mapped), _side(remote, mapped), self.local_host, None, None)
+
+    async def gather(self, local: SocketAddress, remote: SocketAddress) -> Peer:
+        local_side = _side(local, self.mapped_as_ipv6)
+        remote_side = _side(remote, self.mapped_as_ipv6)
+        local_host, remote_host, remote_info = await asyncio.gather(
+            self._local_name(local_side.plain),
+            self._remote_name(remote_side.plain),
+            self._ident(local_side.plain, local_side.port, remote_side.plain, remote_side.port),
+        )
+        return self._peer(local_side, remote_side, local_host, remote_host, remote_info)
 
     async def _local_name(self, local_ip: str) -> bytes | None:
         if self.local_host is not None or self.resolver is None:
@@ -77,7 +143,11 @@ class PeerFacts:
         if name is None or not self.paranoid:
             return name
         # -p: keep the name only if it resolves back to the client's address.
-        return name if remote_ip in await self.resolver.addresses_of(name) else None
+        if ":" in remote_ip:
+            addresses = await self.resolver.addresses6_of(name)
+        else:
+            addresses = await self.resolver.addresses_of(name)
+        return name if remote_ip in addresses else None
 
     async def _ident(self, local_ip: str, local_port: int, remote_ip: str, remote_port: int) -> bytes | None:
         if not self.remote_info:

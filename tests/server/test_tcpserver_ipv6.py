@@ -1,0 +1,141 @@
+"""IPv6 serving: one dual-stack socket for host 0, IPv6 literals, -4, -6; the environment and
+the log line of each kind of client (issue 6; differences items 5 and 6)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from serverproc import OUR_SERVER, launch, plain_environment, read_to_eof, rules_cdb, start_server
+
+
+def _ipv6_loopback_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _ipv6_loopback_works(), reason="this machine has no IPv6 loopback (::1)")
+
+# The program reports its environment as it got it, raw, in order.
+SHOW_ENVIRONMENT = ["cat", "/proc/self/environ"]
+BASE = plain_environment({b"FOO": b"bar"})
+
+
+def fetch(port: int, host: str) -> bytes:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as client:
+        client.settimeout(5)
+        client.connect((host, port))
+        return read_to_eof(client)
+
+
+def served(options: list[str], host: str, client: str) -> tuple[list[bytes], list[bytes], int]:
+    """(the program's environment entries, the server's log, the client's port)."""
+    server = start_server(OUR_SERVER.command, ["-v", "-HRl0", *options], SHOW_ENVIRONMENT, host=host, environment=BASE)
+    try:
+        entries = fetch(server.port, client).split(b"\0")[:-1]
+        server.wait_for_log(r"^tcpserver: end \d+ status 0$")
+    finally:
+        server.stop()
+    remote_port = int(next(e for e in entries if e.startswith(b"TCPREMOTEPORT=")).split(b"=")[1])
+    return entries, server.log(), remote_port
+
+
+def ipv4_environment(local_port: bytes, remote_port: bytes) -> list[bytes]:
+    return [
+        *BASE,
+        b"PROTO=TCP",
+        b"TCPLOCALIP=127.0.0.1",
+        b"TCPLOCALPORT=" + local_port,
+        b"TCPLOCALHOST=0",
+        b"TCPREMOTEIP=127.0.0.1",
+        b"TCPREMOTEPORT=" + remote_port,
+    ]
+
+
+def ipv6_environment(local_ip: bytes, remote_ip: bytes, local_port: bytes, remote_port: bytes) -> list[bytes]:
+    """The order of Debian's IPv6 build: each variable, then its TCP6 twin."""
+    return [
+        *BASE,
+        b"PROTO=TCP6",
+        b"TCPLOCALIP=" + local_ip,
+        b"TCP6LOCALIP=" + local_ip,
+        b"TCPLOCALPORT=" + local_port,
+        b"TCP6LOCALPORT=" + local_port,
+        b"TCPLOCALHOST=0",
+        b"TCP6LOCALHOST=0",
+        b"TCPREMOTEIP=" + remote_ip,
+        b"TCP6REMOTEIP=" + remote_ip,
+        b"TCPREMOTEPORT=" + remote_port,
+        b"TCP6REMOTEPORT=" + remote_port,
+    ]
+
+
+def _ports(entries: list[bytes]) -> tuple[bytes, bytes]:
+    values = dict(entry.split(b"=", 1) for entry in entries)
+    return values[b"TCPLOCALPORT"], values[b"TCPREMOTEPORT"]
+
+
+@pytest.mark.parametrize("host", ["0", ""])
+def test_host_0_serves_ipv4_clients_exactly_as_0_88(host: str) -> None:
+    entries, log, remote_port = served([], host, "127.0.0.1")
+    local_port, remote = _ports(entries)
+    assert entries == ipv4_environment(local_port, remote)
+    assert any(line.startswith(b"tcpserver: pid ") and line.endswith(b" from 127.0.0.1") for line in log)
+    assert any(line.endswith(b" 0:127.0.0.1:%s :127.0.0.1::%d" % (local_port, remote_port)) for line in log)
+
+
+def test_host_0_serves_ipv6_clients_with_tcp6_variables_and_the_ipv6_log_layout() -> None:
+    entries, log, remote_port = served([], "0", "::1")
+    local_port, remote = _ports(entries)
+    assert entries == ipv6_environment(b"::1", b"::1", local_port, remote)
+    assert any(line.startswith(b"tcpserver: pid ") and line.endswith(b" from ::1") for line in log)
+    assert any(line.endswith(b" 0:::1:%s :::1::%d" % (local_port, remote_port)) for line in log)
+
+
+def test_ipv6_literal_host() -> None:
+    entries, _log, _port = served([], "::1", "::1")
+    local_port, remote = _ports(entries)
+    assert entries == ipv6_environment(b"::1", b"::1", local_port, remote)
+
+
+def test_minus_6_presents_ipv4_clients_as_v4_mapped_ipv6() -> None:
+    entries, log, remote_port = served(["-6"], "0", "127.0.0.1")
+    local_port, remote = _ports(entries)
+    mapped = b"::ffff:127.0.0.1"
+    assert entries == ipv6_environment(mapped, mapped, local_port, remote)
+    assert any(line.endswith(b" 0:%s:%s :%s::%d" % (mapped, local_port, mapped, remote_port)) for line in log)
+
+
+def test_minus_4_listens_on_ipv4_only() -> None:
+    server = start_server(OUR_SERVER.command, ["-4", "-HRl0"], SHOW_ENVIRONMENT, host="0", environment=BASE)
+    try:
+        assert b"PROTO=TCP\0" in fetch(server.port, "127.0.0.1")
+        with pytest.raises(ConnectionRefusedError):
+            fetch(server.port, "::1")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("options", [[], ["-6"]])
+def test_v4_mapped_clients_are_looked_up_by_their_dotted_quad(tmp_path: Path, options: list[str]) -> None:
+    cdb = rules_cdb(tmp_path, '127.0.0.1:allow,WHO="v4 rule"\n:deny\n')
+    server = start_server(
+        OUR_SERVER.command, ["-HRl0", "-x", str(cdb), *options], SHOW_ENVIRONMENT, host="0", environment=BASE
+    )
+    try:
+        assert b"WHO=v4 rule\0" in fetch(server.port, "127.0.0.1")
+        assert fetch(server.port, "::1") == b""  # no IPv4 rule applies to ::1: the default denies
+    finally:
+        server.stop()
+
+
+def test_ipv4_only_options_with_an_ipv6_literal_are_refused() -> None:
+    process = launch(OUR_SERVER.command, ["-4", "::1", "0", "true"], environment=BASE)
+    _out, err = process.communicate(timeout=10)
+    assert (process.returncode, err) == (111, b"tcpserver: fatal: no IP address for ::1\n")
