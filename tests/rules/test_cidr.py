@@ -68,6 +68,7 @@ def test_separator(line: bytes, key: bytes) -> None:
         b"1.2.3.4:bogus:allow", b"abc:def:allow", b"2001:db8:1:allow", b"=host:x:allow", b"joe@=h:1:deny",
         b"a:b@1.2.3.4:allow", b" ::1:allow", b"::1 :allow", b"fe80::1%eth0:allow", b"1:2:3:4:5:6:7:8:9:allow",
         b"::ffff:1.2.:allow", b"::1-3:allow", b"x::allow", b"::allow",
+        b"\x00:cidr-lengths:allow",  # the lengths record's key: no line compiles to it
     ],
 )
 def test_not_an_ipv6_rule_is_the_original_parse_error(line: bytes) -> None:
