@@ -1,9 +1,12 @@
 """The compiled rules file as readers use it: a cdb looked up with the shared order (spec 5).
 
-The original reopens the cdb for every connection. RulesFile keeps it open and reopens it when a
+The original reopens the cdb for every connection. RulesFile keeps it and reopens it when a
 stat shows another file or a changed one (inode, size, mtime, ctime: tcprules renames a new file
 in, chmod changes ctime), so every change is seen at the next lookup, as the original sees it.
-Reads go through pread, not mmap: a file truncated under a mapping would kill the server.
+
+The file is never mapped: one truncated in place under a mapping would kill the server with
+SIGBUS. A file up to PRIVATE_COPY_LIMIT is read once into a private memory file, which is mapped
+(lookups then make no system call); a bigger one is read with pread at each lookup.
 """
 
 from __future__ import annotations
@@ -14,6 +17,33 @@ import cdbx
 
 from ucspi.rules.cidr import NO_CIDR, CidrLengths
 from ucspi.rules.lookup import Decision, find_rule, read_cidr_lengths
+
+PRIVATE_COPY_LIMIT = 64 << 20
+
+
+def _private_copy(fd: int, size: int) -> cdbx.CDB | None:
+    """The file's bytes in a memory file of our own, mapped; None where that cannot be had.
+
+    Closes fd when it returns a reader. Read errors are the original's (a directory: EISDIR).
+    """
+    if size > PRIVATE_COPY_LIMIT or not hasattr(os, "memfd_create"):
+        return None
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    try:
+        memory_fd = os.memfd_create("ucspi-rules", os.MFD_CLOEXEC)
+    except OSError:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return None
+    try:
+        os.write(memory_fd, b"".join(chunks))
+        reader = cdbx.CDB(memory_fd, close=True, mmap=None)
+    except BaseException:
+        os.close(memory_fd)
+        raise
+    os.close(fd)
+    return reader
 
 
 class RulesFile:
@@ -31,7 +61,9 @@ class RulesFile:
             # Our own descriptor (close-on-exec) so that no child ever inherits it.
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                cdb = cdbx.CDB(fd, close=True, mmap=False)
+                cdb = _private_copy(fd, status.st_size)
+                if cdb is None:  # not `or`: a reader's truth is its length, 0 for an empty cdb
+                    cdb = cdbx.CDB(fd, close=True, mmap=False)
             except BaseException:
                 os.close(fd)
                 raise
