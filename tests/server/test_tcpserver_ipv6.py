@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from serverproc import OUR_SERVER, launch, plain_environment, read_to_eof, rules_cdb, start_server
+from serverproc import OUR_SERVER, OUR_TCPRULES, launch, plain_environment, read_to_eof, rules_cdb, start_server
 
 
 def _ipv6_loopback_works() -> bool:
@@ -139,3 +139,32 @@ def test_ipv4_only_options_with_an_ipv6_literal_are_refused() -> None:
     process = launch(OUR_SERVER.command, ["-4", "::1", "0", "true"], environment=BASE)
     _out, err = process.communicate(timeout=10)
     assert (process.returncode, err) == (111, b"tcpserver: fatal: no IP address for ::1\n")
+
+
+RULES = (
+    "::1:allow,WHO=\"exact ::1\"\n"
+    "2001:db8::/32:deny\n"
+    "127.0.0.0/8:allow,WHO=\"127/8\"\n"
+    ":deny\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("options", "client", "who"),
+    [
+        pytest.param([], "::1", b"exact ::1", id="ipv6-exact"),
+        pytest.param([], "127.0.0.1", b"127/8", id="v4-mapped-cidr"),
+        pytest.param(["-6"], "127.0.0.1", b"127/8", id="v4-mapped-cidr-minus-6"),
+    ],
+)
+def test_ipv6_and_cidr_rules_apply_to_the_clients_they_name(
+    tmp_path: Path, options: list[str], client: str, who: bytes
+) -> None:
+    cdb = rules_cdb(tmp_path, RULES, tcprules=OUR_TCPRULES)
+    server = start_server(
+        OUR_SERVER.command, ["-HRl0", "-x", str(cdb), *options], SHOW_ENVIRONMENT, host="0", environment=BASE
+    )
+    try:
+        assert b"\0WHO=" + who + b"\0" in fetch(server.port, client)
+    finally:
+        server.stop()

@@ -148,7 +148,7 @@ class Server:
         self.children = 0
         # Bound to one address, every connection's local end is the listener's: no getsockname.
         bound = listener.getsockname()
-        self._fixed_local: tuple[str, int] | None = None if bound[0] in ("0.0.0.0", "::") else bound[:2]
+        self._fixed_local: tuple | None = None if bound[0] in ("0.0.0.0", "::") else bound
         self.pid = os.getpid()
         self._accepting = False
         self._loop: asyncio.AbstractEventLoop | None = None
