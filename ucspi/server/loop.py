@@ -27,7 +27,7 @@ from ucspi.rules.lookup import NO_RULE, Decision
 from ucspi.server.log import Log, verdict_line
 from ucspi.server.options import ServerOptions
 from ucspi.server.peer import Peer, PeerFacts
-from ucspi.server.spawn import Environment, Spawner
+from ucspi.server.spawn import Environment, Spawner, tcp_variables
 
 # Accepting several clients per wakeup saves a poll round trip each under load.
 _ACCEPT_BATCH = 32
@@ -38,48 +38,6 @@ _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 # Two spawning threads keep both cores busy with starting programs on this 2-core class of machine.
 _SPAWN_THREADS = 2
 _MAX_WAITING_SPAWNS = 16
-
-
-def ipv4_changes(peer: Peer) -> list[tuple[bytes, bytes | None]]:
-    """The 0.88 variables in the original's order (spec 6.7); None removes a variable."""
-    return [
-        (b"PROTO", b"TCP"),
-        (b"TCPLOCALIP", peer.local_ip),
-        (b"TCPLOCALPORT", b"%d" % peer.local_port),
-        (b"TCPLOCALHOST", peer.local_host),
-        (b"TCPREMOTEIP", peer.remote_ip),
-        (b"TCPREMOTEPORT", b"%d" % peer.remote_port),
-        (b"TCPREMOTEHOST", peer.remote_host),
-        (b"TCPREMOTEINFO", peer.remote_info),
-    ]
-
-
-def ipv6_changes(peer: Peer) -> list[tuple[bytes, bytes | None]]:
-    """An IPv6 client's variables, with their TCP6* twins, in the order of Debian's IPv6 build."""
-    local_port = b"%d" % peer.local_port
-    remote_port = b"%d" % peer.remote_port
-    changes: list[tuple[bytes, bytes | None]] = [
-        (b"PROTO", b"TCP6"),
-        (b"TCPLOCALIP", peer.local_ip),
-        (b"TCP6LOCALIP", peer.local_ip),
-        (b"TCPLOCALPORT", local_port),
-        (b"TCP6LOCALPORT", local_port),
-        (b"TCPLOCALHOST", peer.local_host),
-        (b"TCP6LOCALHOST", peer.local_host),
-    ]
-    if peer.interface is not None:
-        changes.append((b"TCP6INTERFACE", peer.interface))
-    changes += [
-        (b"TCPREMOTEIP", peer.remote_ip),
-        (b"TCP6REMOTEIP", peer.remote_ip),
-        (b"TCPREMOTEPORT", remote_port),
-        (b"TCP6REMOTEPORT", remote_port),
-        (b"TCPREMOTEHOST", peer.remote_host),
-        (b"TCP6REMOTEHOST", peer.remote_host),
-        (b"TCPREMOTEINFO", peer.remote_info),
-        (b"TCP6REMOTEINFO", peer.remote_info),
-    ]
-    return changes
 
 
 @contextlib.contextmanager
@@ -326,7 +284,7 @@ class Server:
         )
 
     def _spawn(self, connection: int, peer: Peer, decision: Decision) -> None:
-        changes = ipv6_changes(peer) if peer.ipv6 else ipv4_changes(peer)
+        changes = tcp_variables(peer)
         if decision.data:
             changes.extend(decision.environment)
         environment = self.environment.build(changes)

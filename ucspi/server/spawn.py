@@ -14,6 +14,8 @@ import os
 import signal
 from collections.abc import Sequence
 
+from ucspi.server.peer import Peer
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 # Opaque glibc structures: 80 and 336 bytes on x86-64; room to spare for other ABIs.
 _FileActions = ctypes.c_char * 1024
@@ -56,6 +58,53 @@ def first_values(entries: list[bytes]) -> dict[bytes, bytes]:
         if equals:
             values.setdefault(name, value)
     return values
+
+
+def _ipv4_variables(peer: Peer) -> list[tuple[bytes, bytes | None]]:
+    """The 0.88 variables in the original's order (spec 6.7); None removes a variable."""
+    return [
+        (b"PROTO", b"TCP"),
+        (b"TCPLOCALIP", peer.local_ip),
+        (b"TCPLOCALPORT", b"%d" % peer.local_port),
+        (b"TCPLOCALHOST", peer.local_host),
+        (b"TCPREMOTEIP", peer.remote_ip),
+        (b"TCPREMOTEPORT", b"%d" % peer.remote_port),
+        (b"TCPREMOTEHOST", peer.remote_host),
+        (b"TCPREMOTEINFO", peer.remote_info),
+    ]
+
+
+def _ipv6_variables(peer: Peer) -> list[tuple[bytes, bytes | None]]:
+    """An IPv6 client's variables, with their TCP6* twins, in the order of Debian's IPv6 build."""
+    local_port = b"%d" % peer.local_port
+    remote_port = b"%d" % peer.remote_port
+    changes: list[tuple[bytes, bytes | None]] = [
+        (b"PROTO", b"TCP6"),
+        (b"TCPLOCALIP", peer.local_ip),
+        (b"TCP6LOCALIP", peer.local_ip),
+        (b"TCPLOCALPORT", local_port),
+        (b"TCP6LOCALPORT", local_port),
+        (b"TCPLOCALHOST", peer.local_host),
+        (b"TCP6LOCALHOST", peer.local_host),
+    ]
+    if peer.interface is not None:
+        changes.append((b"TCP6INTERFACE", peer.interface))
+    changes += [
+        (b"TCPREMOTEIP", peer.remote_ip),
+        (b"TCP6REMOTEIP", peer.remote_ip),
+        (b"TCPREMOTEPORT", remote_port),
+        (b"TCP6REMOTEPORT", remote_port),
+        (b"TCPREMOTEHOST", peer.remote_host),
+        (b"TCP6REMOTEHOST", peer.remote_host),
+        (b"TCPREMOTEINFO", peer.remote_info),
+        (b"TCP6REMOTEINFO", peer.remote_info),
+    ]
+    return changes
+
+
+def tcp_variables(peer: Peer) -> list[tuple[bytes, bytes | None]]:
+    """The changes tcpserver makes to the environment for one client, before the rule's."""
+    return _ipv6_variables(peer) if peer.ipv6 else _ipv4_variables(peer)
 
 
 class Environment:
