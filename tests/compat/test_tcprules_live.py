@@ -88,6 +88,7 @@ def assert_tcprules_agree(text: bytes) -> TcprulesRun:
 @example(b"18446744073709551617-3:allow\n")  # 2**64 + 1 wraps to 1
 @example(b"1.2.3.0-18446744073709551616:allow\n")  # top wraps to 0
 @example(b"99999999999999999999-1:allow\n")
+@example(b"1.2.3.0-" + b"9" * 8190 + b":allow\n")  # over int()'s 4,300 digits (make fuzz)
 @example(b"1.2.3.4:allow\r\n5.6.7.8:deny\n")
 @example(b"1.2\x003.4:bad\n")
 @example(b"\xff-\xfe:allow\n")

@@ -104,6 +104,23 @@ def test_empty_range_writes_nothing_and_is_no_error() -> None:
     assert records(b"1.2.3.5-3:deny\n1.2.3.4:allow\n") == [(b"1.2.3.4", b"")]
 
 
+# Found by make fuzz: int() refuses over 4,300 digits. The original's scan_ulong wraps at 2**64
+# whatever the length (checked against /usr/bin/tcprules with these very numbers). 10**64 is a
+# multiple of 2**64, so 1 then N zeros then 250 is 250 modulo 2**64 for any N >= 64.
+@pytest.mark.parametrize(
+    ("address", "keys"),
+    [
+        (b"1.2.3.1" + b"0" * 4400 + b"250-252", ip_keys(b"1.2.3.", range(250, 253))),
+        (b"1.2.3.1-1" + b"0" * 4400 + b"003", ip_keys(b"1.2.3.", range(1, 4))),
+        (b"1.2.3.1-1" + b"0" * 100_000 + b"3", ip_keys(b"1.2.3.", range(1, 4))),
+        (b"1.2.3.0-" + b"9" * 8190, ip_keys(b"1.2.3.", range(256))),
+    ],
+    ids=["bottom", "top", "100k-digits", "8k-nines"],
+)
+def test_range_numbers_of_any_length_wrap_at_2_to_the_64(address: bytes, keys: list[bytes]) -> None:
+    assert records(address + b":allow\n") == [(key, b"") for key in keys]
+
+
 # ---- spec 3.3: every other address form is its key, verbatim ----
 
 
