@@ -8,7 +8,6 @@ slot given back, no warning it should not have written.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import re
@@ -18,7 +17,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,6 @@ from fakes import FakeDNS, FakeIdentd, fresh_loopback
 from serverproc import (
     OUR_SERVER,
     OUR_TCPRULES,
-    ServerProcess,
     connect,
     plain_environment,
     read_line,
@@ -35,98 +32,21 @@ from serverproc import (
     start_server,
     talk,
 )
+from serverstate import (
+    children,
+    cpu_seconds,
+    descriptors,
+    in_threads,
+    more_descriptors,
+    rss_kib,
+    settled_descriptors,
+    wait_idle,
+    warnings,
+)
 
 from ucspi.rules.compile import compile_rules
 
 ECHO_SERVED = ["/bin/echo", "served"]
-
-
-# ---------------------------------------------------------------- the server as the kernel sees it
-
-
-def descriptors(pid: int) -> set[int]:
-    return {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
-
-
-def settled_descriptors(server: ServerProcess, limit: int = 40) -> set[int]:
-    """The server's descriptors once its loop runs: the status line comes before the loop opens
-    its own (epoll, signal pipe), one served client after it."""
-    server.wait_for_log(rf"^tcpserver: status: 0/{limit}$")
-    talk(server.port)
-    wait_idle(server, limit)
-    return descriptors(server.pid)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[tuple[int, str]]:
-    """(pid, state) of each child process of pid, from /proc (as ps --ppid sees them)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
-            found.append((int(entry), fields[0]))
-    return found
-
-
-def status_lines(server: ServerProcess, limit: int) -> list[bytes]:
-    return [line for line in server.log() if line.startswith(b"tcpserver: status: ") and line.endswith(b"/%d" % limit)]
-
-
-def wait_idle(server: ServerProcess, limit: int, timeout: float = 20) -> None:
-    """Until the last status line says 0/limit (every slot back)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = status_lines(server, limit)
-        if lines and lines[-1] == b"tcpserver: status: 0/%d" % limit:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"never idle again: {server.log()[-5:]!r}")
-
-
-def warnings(server: ServerProcess) -> list[bytes]:
-    return [line for line in server.log() if b": warning: " in line or b": fatal: " in line]
-
-
-@contextlib.contextmanager
-def more_descriptors(wanted: int) -> Iterator[None]:
-    """This process may hold `wanted` descriptors (a test that opens a thousand clients)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def in_threads(count: int, work, timeout: float = 30) -> list[object]:  # type: ignore[no-untyped-def]
-    """work(index) in `count` threads at once; each result, or the exception it raised."""
-    results: list[object] = [None] * count
-
-    def run(index: int) -> None:
-        try:
-            results[index] = work(index)
-        except Exception as error:
-            results[index] = error
-
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    assert not any(thread.is_alive() for thread in threads), "clients still running"
-    return results
 
 
 # ---------------------------------------------------------------- descriptors exhausted
@@ -309,7 +229,7 @@ def test_a_misbehaving_identd_delays_a_client_at_most_the_time_limit(mode: str) 
             took = time.monotonic() - began
             wait_idle(server, 40)
             assert warnings(server) == []
-            rss = _rss_kib(server.pid)
+            rss = rss_kib(server.pid)
     assert len(identd.requests) == 5
     assert took < timeout + 1.5, took
     for reply in replies:
@@ -319,13 +239,6 @@ def test_a_misbehaving_identd_delays_a_client_at_most_the_time_limit(mode: str) 
     if mode == "flood":
         assert identd.flooded > 1 << 20  # the server did read a flood
         assert rss < 100 * 1024  # and did not keep it
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 # ---------------------------------------------------------------- a misbehaving DNS server
