@@ -45,6 +45,9 @@ def test_a_difference_is_found_and_shrunk(space: tcprules_fuzz.Workspace) -> Non
     # An IPv6 line is a difference the fuzz exempts; given raw, it must be reported and shrunk.
     text = b"# x\n1.2.3.4:allow\n::1:allow\n5.6.7.8:deny\n"
     assert tcprules_fuzz.differential_problem(space, text, old_cdb=True, cli=False) is not None
-    assert tcprules_fuzz.shrink(
-        lambda candidate: tcprules_fuzz.differential_problem(space, candidate, True, False) is not None, text
-    ) == b":::allow"
+    assert (
+        tcprules_fuzz.shrink(
+            lambda candidate: tcprules_fuzz.differential_problem(space, candidate, True, False) is not None, text
+        )
+        == b":::allow"
+    )

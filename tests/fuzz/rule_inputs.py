@@ -28,13 +28,10 @@ _VERBATIM = [b" ", b"\t", b"\r", b"\x00", b"\xff", b"\x80", b"#", b".", b",", b"
 _DELIMITERS = [b'"', b"/", b"+", b"=", b",", b":", b" ", b"x", b"\x00", b"\r", b"\xff"]
 _VALUES = [b"", b"movie.edu", b"a,b=c:d", b"  spaced  ", b"\xc3\x28", b"\xed\xa0\x80"]  # invalid UTF-8 too
 _BLANKS = [b"", b"", b"", b" ", b"\t", b" \t  "]
-_EDITS = [
-    b"\x00", b"\r", b"\n", b":", b"-", b".", b"=", b",", b'"', b"\xff", b"\xc3", b"\x80", b" ", b"\t", b"#", b"@", b"/",
-]
+_EDITS = [bytes([byte]) for byte in b'\x00\r\n:-.=,"\xff\xc3\x80 \t#@/']
 # Around the read sizes of ours (64 KiB blocks) and of the original (djb's buffers: 1, 4, 8 KiB).
 _LONG_LENGTHS = [1023, 1024, 1025, 4095, 4096, 4097, 8191, 8192, 8193, 65535, 65536, 65537, 131072, 200_000]
-_CIDR_LENGTHS = [b"0", b"1", b"7", b"8", b"16", b"24", b"31", b"32", b"33", b"48", b"64", b"96", b"127", b"128",
-                 b"129", b"08", b"", b" 8", b"8 ", b"-1", b"18446744073709551624"]
+_CIDR_LENGTHS = [*b"0 1 7 8 16 24 31 32 33 48 64 96 127 128 129 08 -1 18446744073709551624".split(), b"", b" 8", b"8 "]
 
 
 def _octet(r: random.Random) -> bytes:

@@ -133,9 +133,7 @@ class Workspace:
         ]
         pid = os.posix_spawn(program, [argv0, self.cdb, self.tmp], ENVIRONMENT, file_actions=actions)
         _, status = os.waitpid(pid, 0)
-        return self.outcome(
-            os.waitstatus_to_exitcode(status), _whole(self.stdout), _whole(self.stderr)
-        )
+        return self.outcome(os.waitstatus_to_exitcode(status), _whole(self.stdout), _whole(self.stderr))
 
     def run_ours(self, text: bytes, old_cdb: bool) -> Outcome:
         """Our tcprules without its process: what ucspi.cli.tcprules does after the arguments."""
