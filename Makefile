@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PREFIX ?= /usr/local
 
-.PHONY: all test lint demo bench clean install
+.PHONY: all test lint demo bench stress clean install
 
 all: test
 
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) bench/run.py
+
+# 10,000 connections from 200 clients against -c 100 -b 256; checks and prints its figures (~15 s).
+stress: $(STAMP)
+	$(VPY) bench/stress.py
 
 # tcprules against the C original on 100,000 generated files, then 1,000,000 through our own
 # compiler alone; prints the figures, exits 1 on any difference. FUZZ_ARGS: see --help.

@@ -1,10 +1,11 @@
 /* Loopback load generator for the tcpserver benchmarks (compiled by bench/run.py with gcc).
  *
- * Usage: loadgen IP PORT CLIENTS COUNT SECONDS
+ * Usage: loadgen IP PORT CLIENTS COUNT SECONDS [EXPECT]
  * CLIENTS threads each repeat: connect, read to EOF, close; until COUNT connections are done in
  * all or SECONDS have passed. Connect and each read time out after 3 s. Source addresses rotate
  * over 127.0.0.1-16 so that TIME_WAIT does not exhaust the ephemeral ports. Prints one line:
- * "done N failed F seconds S rate R p50_us P p99_us Q bytes B".
+ * "done N failed F seconds S rate R p50_us P p99_us Q bytes B", and with EXPECT " matched M":
+ * how many connections received exactly the bytes EXPECT (`make stress`: no reply lost or cut).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -25,7 +26,9 @@
 static struct sockaddr_in target;
 static long total_count;
 static double deadline;
-static atomic_long started, done, failed, received;
+static atomic_long started, done, failed, received, matched;
+static const char *expect;
+static size_t expect_length;
 static long *latencies;
 
 static double now(void)
@@ -45,6 +48,8 @@ static int wait_for(int fd, short events)
 static int one_connection(int index)
 {
   char buffer[4096];
+  size_t got = 0;
+  int same = 1;
   struct sockaddr_in source;
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
   if (fd == -1) return -1;
@@ -61,14 +66,21 @@ static int one_connection(int index)
   }
   for (;;) {
     ssize_t r = read(fd, buffer, sizeof buffer);
-    if (r > 0) { atomic_fetch_add(&received, r); continue; }
+    if (r > 0) {
+      atomic_fetch_add(&received, r);
+      if (expect && same) same = got + r <= expect_length && memcmp(expect + got, buffer, r) == 0;
+      got += r;
+      continue;
+    }
     if (r == 0) break;
     if (errno == EAGAIN && wait_for(fd, POLLIN) == 0) continue;
     if (errno == EINTR) continue;
     close(fd);
+    if (expect && same && got == expect_length) atomic_fetch_add(&matched, 1);
     return errno == ECONNRESET ? 0 : -1; /* a reset after the program ended still counts as served */
   }
   close(fd);
+  if (expect && same && got == expect_length) atomic_fetch_add(&matched, 1);
   return 0;
 }
 
@@ -97,9 +109,13 @@ static int by_value(const void *a, const void *b)
 
 int main(int argc, char **argv)
 {
-  if (argc != 6) {
-    fprintf(stderr, "usage: loadgen IP PORT CLIENTS COUNT SECONDS\n");
+  if (argc != 6 && argc != 7) {
+    fprintf(stderr, "usage: loadgen IP PORT CLIENTS COUNT SECONDS [EXPECT]\n");
     return 100;
+  }
+  if (argc == 7) {
+    expect = argv[6];
+    expect_length = strlen(expect);
   }
   int clients = atoi(argv[3]);
   total_count = atol(argv[4]);
@@ -116,7 +132,9 @@ int main(int argc, char **argv)
   double seconds = now() - begin;
   long n = atomic_load(&done);
   qsort(latencies, n, sizeof *latencies, by_value);
-  printf("done %ld failed %ld seconds %.3f rate %.1f p50_us %ld p99_us %ld bytes %ld\n", n, atomic_load(&failed),
+  printf("done %ld failed %ld seconds %.3f rate %.1f p50_us %ld p99_us %ld bytes %ld", n, atomic_load(&failed),
          seconds, n / seconds, n ? latencies[n / 2] : 0, n ? latencies[(n * 99) / 100] : 0, atomic_load(&received));
+  if (expect) printf(" matched %ld", atomic_load(&matched));
+  printf("\n");
   return 0;
 }
