@@ -463,3 +463,30 @@ def test_sigterm_under_load_exits_0_at_once_and_running_programs_carry_on() -> N
         finally:
             for client in held:
                 client.close()
+
+
+def test_lookups_that_find_no_descriptor_fail_quietly_and_the_client_is_served() -> None:
+    """One spare descriptor goes to the connection: the DNS and ident sockets fail with EMFILE,
+    which makes those lookups fail (names and info unset), as any network failure would."""
+    ip = fresh_loopback()
+    environment = plain_environment({b"DNSCACHEIP": ip.encode()})
+    program = ["/bin/sh", "-c", 'echo "${TCPREMOTEHOST-unset} ${TCPREMOTEINFO-unset}"']
+    with (
+        FakeDNS(ip, ptr={ip: "client.example.com.", "127.0.0.1": "local.example.com."}),
+        FakeIdentd(ip, reply=b"1 , 2 : USERID : UNIX : joe\r\n"),
+        start_server(OUR_SERVER.command, ["-v", "-t2"], program, environment=environment) as server,
+    ):
+        server.wait_for_log(r"^tcpserver: status: 0/40$")
+        assert talk(server.port, source=ip) == b"client.example.com joe\n"
+        wait_idle(server, 40)
+        used = descriptors(server.pid)
+        lowest_free = min(set(range(len(used) + 1)) - used)
+        _, hard = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (lowest_free + 1, hard))
+        replies = in_threads(20, lambda _: talk(server.port, source=ip, timeout=10))
+        assert replies == [b"unset unset\n"] * 20
+        wait_idle(server, 40)
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (1024, hard))
+        assert talk(server.port, source=ip) == b"client.example.com joe\n"
+        wait_idle(server, 40)
+        assert warnings(server) == []
