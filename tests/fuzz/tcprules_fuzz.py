@@ -72,6 +72,7 @@ class ChunkResult:
     kinds: Counter[str] = field(default_factory=Counter)
     exempt_lines: int = 0  # differences.md 5 lines dropped before the comparison
     cli_runs: int = 0
+    exit_codes: Counter[int] = field(default_factory=Counter)  # the original's, or ours in-process
     findings: list[str] = field(default_factory=list)
     finding_count: int = 0
     stopped_by_time: bool = False
@@ -93,6 +94,7 @@ class Workspace:
         self.stdin = os.memfd_create("rules-input")
         self.stdout = os.memfd_create("stdout")
         self.stderr = os.memfd_create("stderr")
+        self.last_exit = 0  # of the original's run in the differential, of ours in-process
 
     def close(self) -> None:
         for fd in (self.stdin, self.stdout, self.stderr):
@@ -154,6 +156,7 @@ def _whole(fd: int) -> bytes:
 
 def differential_problem(space: Workspace, text: bytes, old_cdb: bool, cli: bool) -> str | None:
     theirs = space.run_command(ORIGINAL, b"tcprules", text, old_cdb)
+    space.last_exit = theirs.exit_code
     ours = space.run_ours(text, old_cdb)
     if ours != theirs:
         return f"in-process ours {_summary(ours)} != original {_summary(theirs)}"
@@ -201,9 +204,11 @@ def in_process_problem(space: Workspace, r: random.Random, text: bytes) -> str |
     os.ftruncate(space.stdin, 0)
     os.pwrite(space.stdin, text, 0)
     os.lseek(space.stdin, 0, os.SEEK_SET)
+    space.last_exit = 0
     try:
         compile_rules(space.stdin, space.cdb, space.tmp)
     except Fatal as fatal:
+        space.last_exit = fatal.exit_code
         if bad_line is None:
             return f"Fatal {fatal.message[:200]!r} where the parser took every line"
         message = PARSE_ERROR + bad_line.split(b"\x00", 1)[0]
@@ -275,6 +280,7 @@ def run_chunk(chunk: Chunk) -> ChunkResult:
                     problem = in_process_problem(space, r, text)
             except Exception:  # the finding: an exception that escaped
                 problem = traceback.format_exc(limit=-4)
+            result.exit_codes[space.last_exit] += 1
             if problem is not None:
                 where = f"{chunk.phase} chunk {chunk.number} input {index} {kind}"
                 result.found(f"[{where}] {problem}\n    input {text[:300]!r}")
@@ -346,6 +352,7 @@ def run_phase(pool: multiprocessing.pool.Pool, plan: list[Chunk], label: str) ->
         total.kinds.update(result.kinds)
         total.exempt_lines += result.exempt_lines
         total.cli_runs += result.cli_runs
+        total.exit_codes.update(result.exit_codes)
         total.finding_count += result.finding_count
         total.stopped_by_time |= result.stopped_by_time
         for finding in result.findings:
@@ -393,12 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     for result, seconds in results:
         findings += result.finding_count
         kinds = ", ".join(f"{kind} {count:,}" for kind, count in sorted(result.kinds.items()))
+        exits = ", ".join(f"exit {code}: {count:,}" for code, count in sorted(result.exit_codes.items()))
         extra = ""
         if result.phase == "differential":
             extra = f"; {result.cli_runs:,} also through bin/tcprules; {result.exempt_lines:,} exempt lines dropped"
         print(
             f"  {result.phase}: {result.inputs:,} inputs, {result.finding_count} differences,"
-            f" {seconds:.0f} s{extra}\n    ({kinds})"
+            f" {seconds:.0f} s{extra}\n    ({kinds})\n    ({exits})"
         )
         if result.stopped_by_time:
             print(f"  {result.phase}: stopped by the time limit before its count")
