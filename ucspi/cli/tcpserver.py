@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -52,7 +53,13 @@ def _close_stdin_stdout() -> None:
 
     /dev/null takes their places, so that an accepted socket never lands on 0 or 1.
     """
-    null_fd = os.open(os.devnull, os.O_RDWR)
+    try:
+        null_fd = os.open(os.devnull, os.O_RDWR)
+    except OSError:  # no /dev/null (a bare chroot): closed, as the original leaves them
+        for fd in (0, 1):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        return
     for fd in (0, 1):
         os.dup2(null_fd, fd, inheritable=False)
     os.close(null_fd)
@@ -124,7 +131,6 @@ def serve(options: ServerOptions, operands: list[str], log: Log, initial_environ
     _close_stdin_stdout()
     spawner = Spawner(program, environ.get(b"PATH"))
     server = Server(options, listener, spawner, Environment(initial_environment), facts, log)
-    log.status(0, options.limit)
     try:
         server.run()
     except Fatal:

@@ -61,6 +61,9 @@ class RulesFile:
             # Our own descriptor (close-on-exec) so that no child ever inherits it.
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
+                # The file opened may be newer than the one stat saw: remember the one opened.
+                status = os.fstat(fd)
+                identity = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
                 cdb = _private_copy(fd, status.st_size)
                 if cdb is None:  # not `or`: a reader's truth is its length, 0 for an empty cdb
                     cdb = cdbx.CDB(fd, close=True, mmap=False)

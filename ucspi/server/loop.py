@@ -129,6 +129,8 @@ class Server:
         # only schedules a waitpid(WNOHANG) round on the loop, so no descriptor per child.
         signal.signal(signal.SIGCHLD, self._on_sigchld)
         self._spawn_threads = SpawnThreads(loop, self.spawner, self._spawned, _SPAWN_THREADS)
+        # Written once the loop holds its own descriptors, so nothing can fail after it but clients.
+        self.log.status(0, self.limit)
         self._resume()
         loop.run_forever()
 
@@ -241,7 +243,11 @@ class Server:
     async def _gather_then_decide(
         self, connection: int, local: tuple[str, int], remote: tuple[str, int]
     ) -> None:
-        peer = await self.facts.gather(local, remote)
+        try:
+            peer = await self.facts.gather(local, remote)
+        except Exception as error:  # the lookups catch what they expect; never leak a slot
+            self._drop(connection, b"unable to look up the client: " + os.fsencode(repr(error)))
+            return
         self._decide(connection, peer)
 
     def _decide(self, connection: int, peer: Peer) -> None:
