@@ -43,7 +43,8 @@ def _served(server: Path, options: list[str]) -> tuple[list[bytes], list[bytes]]
             client.settimeout(5)
             client.connect(("::1", process.port))
             reply = read_to_eof(client)
-        process.wait_for_log(r"^tcpserver: end ")
+        # The start's status line and the one after the end: the client's whole life is logged.
+        process.wait_for_log(r"^tcpserver: status: 0/40$", count=2)
     finally:
         process.stop()
     entries = [_PORT_ENTRY.sub(rb"\1=PORT", entry) for entry in reply.split(b"\0")[:-1]]
