@@ -112,6 +112,7 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._spawn_threads: SpawnThreads | None = None
         self._spawns_in_flight = 0
+        self._alone = False  # the last wakeup found one client only
         self._reap_scheduled = False
         # Children spawned and not yet reaped; ends reaped before their spawn was reported back.
         self._running: set[int] = set()
@@ -152,23 +153,27 @@ class Server:
             self._accepting = False
 
     def _accept_clients(self) -> None:
+        # Everything waiting is accepted first: a client found alone may be spawned inline.
+        accepted = []
         for _ in range(_ACCEPT_BATCH):
             if not self._can_accept():
                 self._pause()
-                return
+                break
             try:
                 # The raw descriptor: a socket object would cost a getsockname (CPython checks the fd).
-                connection, remote = self.listener._accept()
+                accepted.append(self.listener._accept())
             except BlockingIOError:
-                return
+                break
             except OSError as error:
                 if error.errno in _RESOURCE_ERRORS:
                     self._pause()
                     assert self._loop is not None
                     self._loop.call_later(_ACCEPT_BACKOFF_SECONDS, self._resume)
-                return
+                break
             self.children += 1
             self.log.status(self.children, self.limit)
+        self._alone = len(accepted) == 1
+        for connection, remote in accepted:
             self._begin(connection, remote)
 
     def _free_slot(self) -> None:
@@ -294,8 +299,8 @@ class Server:
         if decision.data:
             changes.extend(decision.environment)
         environment = self.environment.build(changes)
-        if self.children == 1 and not self._spawns_in_flight:
-            # The only client: handing it to a thread would only add two wakeups to its latency.
+        if self._alone and not self._spawns_in_flight:
+            # A client that came alone: a thread would only add two wakeups to its latency.
             try:
                 self._spawned(connection, peer, self.spawner.spawn(connection, environment), None, inline=True)
             except OSError as error:
