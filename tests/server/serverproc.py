@@ -183,38 +183,31 @@ def _collect(stream: object, log: _LogLines) -> None:
         log.add(line.rstrip(b"\n"))
 
 
-def _read_to_eof(fd: int, timeout: float) -> bytes:
+def _read_fd(fd: int, timeout: float, *, one_line: bool) -> bytes:
+    """fd to EOF, or one line read byte by byte (nothing after it is consumed); TimeoutError if slow."""
     data = bytearray()
     deadline = time.monotonic() + timeout
-    while True:
+    while not (one_line and data.endswith(b"\n")):
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"no EOF within {timeout} s; got {bytes(data)!r}")
+            raise TimeoutError(f"no {'line' if one_line else 'EOF'} within {timeout} s; got {bytes(data)!r}")
         ready, _, _ = select.select([fd], [], [], left)
         if not ready:
             continue
-        chunk = os.read(fd, 65536)
+        chunk = os.read(fd, 1 if one_line else 65536)
         if not chunk:
-            return bytes(data)
+            break
         data += chunk
+    return bytes(data)
+
+
+def _read_to_eof(fd: int, timeout: float) -> bytes:
+    return _read_fd(fd, timeout, one_line=False)
 
 
 def _read_line(fd: int, timeout: float) -> bytes:
-    """One line from fd byte by byte (nothing after it is consumed); b'' on EOF before a newline."""
-    data = bytearray()
-    deadline = time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"no line within {timeout} s; got {bytes(data)!r}")
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            continue
-        byte = os.read(fd, 1)
-        if not byte:
-            return bytes(data)
-        data += byte
-    return bytes(data)
+    """One line from fd; b'' (or the partial line) on EOF before a newline."""
+    return _read_fd(fd, timeout, one_line=True)
 
 
 def launch(
