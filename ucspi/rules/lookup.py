@@ -128,14 +128,26 @@ def _cidr_address(ip: bytes, packed: bytes | None, lengths: CidrLengths) -> byte
     return packed
 
 
+def _ordered_keys(
+    ip: bytes, host: bytes | None, info: bytes | None, recorded: Callable[[], CidrLengths]
+) -> Iterator[tuple[bytes, bool]]:
+    """(key, is a CIDR key) in lookup order; the CIDR lengths are asked for only when reached."""
+    ip, packed = lookup_address(ip)
+    for key in _leading_keys(ip, host, info):
+        yield key, False
+    lengths = recorded()
+    if lengths:
+        for key in cidr_keys(_cidr_address(ip, packed, lengths), lengths):
+            yield key, True
+    for key in _trailing_keys(host):
+        yield key, False
+
+
 def candidate_keys(
     ip: bytes, host: bytes | None, info: bytes | None, lengths: CidrLengths = NO_CIDR
 ) -> Iterator[bytes]:
     """The keys to try, in order; host and info None when unset (not empty)."""
-    ip, packed = lookup_address(ip)
-    yield from _leading_keys(ip, host, info)
-    yield from cidr_keys(_cidr_address(ip, packed, lengths), lengths)
-    yield from _trailing_keys(host)
+    return (key for key, _cidr in _ordered_keys(ip, host, info, lambda: lengths))
 
 
 def read_cidr_lengths(get: RecordGetter) -> CidrLengths:
@@ -164,22 +176,13 @@ def find_rule(
     for IPv6. lengths: the file's recorded CIDR lengths, read from it when not given (a server
     passes the copy it keeps with the open file).
     """
-    ip, packed = lookup_address(ip)
-    for key in _leading_keys(ip, host, info):
+    def recorded() -> CidrLengths:
+        return read_cidr_lengths(get) if lengths is None else lengths
+
+    for key, cidr in _ordered_keys(ip, host, info, recorded):
         data = get(key)
         if data is not None:
-            return Decision(key, data)
-    if lengths is None:
-        lengths = read_cidr_lengths(get)
-    if lengths:
-        for key in cidr_keys(_cidr_address(ip, packed, lengths), lengths):
-            data = get(key)
-            if data is not None:
-                return Decision(key, data, cidr=True)
-    for key in _trailing_keys(host):
-        data = get(key)
-        if data is not None:
-            return Decision(key, data)
+            return Decision(key, data, cidr=cidr)
     return NO_RULE
 
 
