@@ -310,43 +310,38 @@ def connect(port: int, *, host: str = "127.0.0.1", source: str | None = None, ti
     return client
 
 
-def read_to_eof(client: socket.socket, timeout: float = 5.0) -> bytes:
-    """Everything the server sends until it closes; TimeoutError if it does not within timeout."""
+def _receive(client: socket.socket, timeout: float, *, one_line: bool) -> bytes:
+    """From the server to EOF (a reset counts as the end), or one line byte by byte (nothing after
+    it is lost; a reset raises); TimeoutError if it does not come within timeout."""
     data = bytearray()
     deadline = time.monotonic() + timeout
-    while True:
+    while not (one_line and data.endswith(b"\n")):
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"no EOF within {timeout} s; got {bytes(data)!r}")
+            raise TimeoutError(f"no {'line' if one_line else 'EOF'} within {timeout} s; got {bytes(data)!r}")
         client.settimeout(left)
         try:
-            chunk = client.recv(65536)
+            chunk = client.recv(1 if one_line else 65536)
         except TimeoutError:
             continue
         except ConnectionResetError:
-            return bytes(data)
+            if one_line:
+                raise
+            break
         if not chunk:
-            return bytes(data)
+            break
         data += chunk
+    return bytes(data)
+
+
+def read_to_eof(client: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything the server sends until it closes; TimeoutError if it does not within timeout."""
+    return _receive(client, timeout, one_line=False)
 
 
 def read_line(client: socket.socket, timeout: float = 5.0) -> bytes:
     """One line from the server (byte by byte, so nothing after it is lost)."""
-    data = bytearray()
-    deadline = time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"no line within {timeout} s; got {bytes(data)!r}")
-        client.settimeout(left)
-        try:
-            byte = client.recv(1)
-        except TimeoutError:
-            continue
-        if not byte:
-            break
-        data += byte
-    return bytes(data)
+    return _receive(client, timeout, one_line=True)
 
 
 def talk(
