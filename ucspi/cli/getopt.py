@@ -1,7 +1,8 @@
 """djb's sgetopt: bundled letters, attached or separate arguments, stop at the first non-option.
 
-Unlike POSIX getopt, any argument starting with `--` ends the options and is consumed, and a
-lone `-` ends them and stays (it becomes the first operand).
+Unlike POSIX getopt, a lone `-` ends the options and stays (it becomes the first operand). In
+0.88 any argument starting with `--` ends the options and is consumed; a command with long
+options (differences item 11) keeps that for `--` alone and takes `--name[=value]` as an option.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ class GetoptError(Exception):
         return f"{program_name}: {problem} -- {self.letter}"
 
 
-class HelpRequested(Exception):
-    """The argument that ended the options was `--help` (ours, not the original's)."""
-
-
 def getopt(
-    arguments: list[str], letters: str, with_argument: str, help_flag: str | None = None
+    arguments: list[str], letters: str, with_argument: str, *, long_options: bool = False
 ) -> tuple[list[tuple[str, str | None]], list[str]]:
-    """(options in order, operands); raises GetoptError at the first bad option."""
+    """(options in order, operands); raises GetoptError at the first bad letter.
+
+    With long_options, `--name=value` comes out as ("--name", "value") and `--name` as
+    ("--name", None), in order among the letters; which names exist is the caller's business.
+    """
     options: list[tuple[str, str | None]] = []
     index = 0
     while index < len(arguments):
@@ -36,10 +37,12 @@ def getopt(
         if argument[:1] != "-" or argument == "-":
             break
         if argument[1] == "-":
-            if argument == help_flag:
-                raise HelpRequested
             index += 1
-            break
+            if not long_options or argument == "--":
+                break
+            name, equals, value = argument.partition("=")
+            options.append((name, value if equals else None))
+            continue
         position = 1
         index += 1
         while position < len(argument):
@@ -58,11 +61,3 @@ def getopt(
                 raise GetoptError(letter, missing_argument=False)
             options.append((letter, None))
     return options, arguments[index:]
-
-
-def scan_ulong(text: str) -> int:
-    """djb's scan_ulong: the leading decimal digits (none -> 0), wrapping at 64 bits."""
-    end = 0
-    while end < len(text) and "0" <= text[end] <= "9":
-        end += 1
-    return int(text[:end]) % (1 << 64) if end else 0

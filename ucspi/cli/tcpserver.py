@@ -6,23 +6,38 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 
-from ucspi.cli.getopt import GetoptError, HelpRequested, getopt
+from ucspi.cli.getopt import GetoptError, getopt
 from ucspi.errors import EXIT_PERMANENT, EXIT_TEMPORARY, Fatal
 from ucspi.server.log import Log
-from ucspi.server.options import ARGUMENT_LETTERS, FLAG_LETTERS, OPTION_TABLE, USAGE, ServerOptions, apply_options
+from ucspi.server.options import (
+    ARGUMENT_LETTERS,
+    FLAG_LETTERS,
+    LONG_OPTIONS,
+    OPTION_TABLE,
+    USAGE,
+    BadValue,
+    ServerOptions,
+    UnknownOption,
+    apply_options,
+)
 from ucspi.server.spawn import first_values, read_initial_environment
 
 
-def _write_stderr(text: str) -> None:
+def _write_fd(fd: int, data: bytes) -> None:
     try:
-        os.write(2, os.fsencode(text) + b"\n")
+        os.write(fd, data)
     except OSError:
         pass
 
 
+def _write_stderr(text: str | bytes) -> None:
+    _write_fd(2, (os.fsencode(text) if isinstance(text, str) else text) + b"\n")
+
+
 def help_text() -> str:
-    """--help (differences item 4), formatted by click from the option table."""
+    """--help (differences item 4), formatted by click from the option tables."""
     import click
 
     formatter = click.HelpFormatter()
@@ -35,17 +50,63 @@ def help_text() -> str:
     )
     with formatter.section("Options"):
         formatter.write_dl(
-            [(f"-{letter}" + (f" {argument}" if argument else ""), text) for letter, argument, text in OPTION_TABLE]
+            [
+                (option.spelling + (f" {option.argument}" if option.argument else ""), option.help)
+                for option in OPTION_TABLE
+            ]
         )
+    if LONG_OPTIONS:
+        with formatter.section("Long options (before the host)"):
+            formatter.write_dl(
+                [
+                    (option.spelling + (f"={option.argument}" if option.argument else ""), option.help)
+                    for option in LONG_OPTIONS
+                ]
+            )
     with formatter.section("Exit codes"):
         formatter.write_dl([("100", "usage error"), ("111", "temporary or system failure"), ("0", "SIGTERM")])
     return formatter.getvalue()
+
+
+def version_text() -> str:
+    """--version (differences item 4): the installed package's version, read from its metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        number = version("ucspi")
+    except PackageNotFoundError:
+        number = "unknown"
+    return f"tcpserver (ucspi) {number}\n"
 
 
 def _usage_and_exit(log_usage: bool) -> None:
     if log_usage:
         _write_stderr(USAGE)
     os._exit(EXIT_PERMANENT)
+
+
+def _placeholder_descriptor() -> int:
+    try:
+        return os.open(os.devnull, os.O_RDWR)
+    except OSError:  # no /dev/null (a bare chroot): a pipe's read end, at EOF, writes fail quietly
+        read_end, write_end = os.pipe()
+        os.close(write_end)
+        return read_end
+
+
+def _open_closed_standard_descriptors() -> None:
+    """fds 0, 1 and 2 that came closed become /dev/null (differences item 13).
+
+    Done before any socket exists: a listener or client that landed on 0, 1 or 2 would be
+    written to as stdout or as the log, and closed as stdin.
+    """
+    while True:
+        fd = _placeholder_descriptor()
+        if fd > 2:
+            os.close(fd)
+            return
+        # The program inherits fd 2 (the log) as its stderr.
+        os.set_inheritable(fd, True)
 
 
 def _close_stdin_stdout() -> None:
@@ -65,34 +126,62 @@ def _close_stdin_stdout() -> None:
     os.close(null_fd)
 
 
+def _wait_for_sigterm() -> None:
+    # Every other signal goes to the main thread, as before this thread existed.
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    signal.sigwait({signal.SIGTERM})
+    os._exit(0)
+
+
+def _exit_0_on_sigterm() -> None:
+    """SIGTERM exits 0 from here on (spec 6.4 step 2), whatever the main thread is doing.
+
+    Blocked here, TERM stays blocked in every thread started later, so it waits for the one
+    thread that takes it with sigwait: no window in which a handler is not yet registered or the
+    main thread is in a system call. The programs start with an empty mask (spawn.py).
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_wait_for_sigterm, name="sigterm", daemon=True).start()
+
+
 def main() -> None:
+    _open_closed_standard_descriptors()
     program_name = os.path.basename(sys.argv[0]) or "tcpserver"
     arguments = sys.argv[1:]
-    try:
-        parsed, operands = getopt(arguments, FLAG_LETTERS, ARGUMENT_LETTERS, help_flag="--help")
-    except HelpRequested:
-        sys.stdout.write(help_text())
-        sys.stdout.flush()
+    if arguments == ["--help"]:
+        _write_fd(1, help_text().encode())
         return
+    if arguments == ["--version"]:
+        _write_fd(1, version_text().encode())
+        return
+    try:
+        parsed, operands = getopt(arguments, FLAG_LETTERS, ARGUMENT_LETTERS, long_options=True)
     except GetoptError as error:
         _write_stderr(error.message(program_name))
         _usage_and_exit(True)
         return
     initial_environment = read_initial_environment()
-    options = apply_options(parsed, first_values(initial_environment))
+    try:
+        options = apply_options(parsed, first_values(initial_environment))
+    except UnknownOption as error:
+        _write_stderr(error.message(program_name))
+        _usage_and_exit(True)
+        return
+    except BadValue as error:
+        # Like getopt's complaints, written whatever -q says: a command line error is never silent.
+        _write_stderr(error.message)
+        os._exit(error.exit_code)
     log = Log(options.verbosity)
     try:
         serve(options, operands, log, initial_environment)
     except Fatal as fatal:
         if options.verbosity:
-            try:
-                os.write(2, fatal.message + b"\n")
-            except OSError:
-                pass
+            _write_stderr(fatal.message)
         os._exit(fatal.exit_code)
 
 
 def serve(options: ServerOptions, operands: list[str], log: Log, initial_environment: list[bytes]) -> None:
+    _exit_0_on_sigterm()
     from ucspi.server.listen import bind_listener, drop_privileges, resolve_host, resolve_port
 
     if not operands:
@@ -105,8 +194,6 @@ def serve(options: ServerOptions, operands: list[str], log: Log, initial_environ
         _usage_and_exit(bool(options.verbosity))
     program = [os.fsencode(argument) for argument in operands[2:]]
 
-    # SIGTERM exits 0 from here on, as the original's handler, installed as early, does.
-    signal.signal(signal.SIGTERM, lambda _signal, _frame: os._exit(0))
     # SIGINT and SIGHUP end the server as their default action does: quietly, no traceback.
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -18,11 +18,10 @@ from ucspi.address import (
     parse_cidr,
     parse_ipv6,
 )
+from ucspi.numbers import leading_digits, scan_ulong
 from ucspi.rules.cidr import CidrLengthsSeen
 
 DENY_MARKER = b"D\x00"
-_U64 = 1 << 64
-_SAFE_DIGITS = 19  # 2**64 has 20 digits: 19 digits always make a small int()
 
 
 class RuleSyntaxError(Exception):
@@ -63,17 +62,9 @@ def instruction_data(instruction: bytes, line: bytes) -> bytes:
 def _scan_number(text: bytes, line: bytes) -> int:
     """djb's scan_ulong on a C string: digits up to a NUL, wrapping at 64 bits."""
     text = text.split(b"\x00", 1)[0]
-    if text and not text.isdigit():
+    if leading_digits(text) != len(text):
         raise RuleSyntaxError(line)
-    # bytes.isdigit() is ASCII-only, so this is exactly the original's 0-9 test.
-    if len(text) <= _SAFE_DIGITS:
-        return int(text) % _U64 if text else 0
-    # int() refuses over 4,300 digits (and is quadratic): fold 19 digits at a time, mod 2**64.
-    number = 0
-    for start in range(0, len(text), _SAFE_DIGITS):
-        chunk = text[start : start + _SAFE_DIGITS]
-        number = (number * 10 ** len(chunk) + int(chunk)) % _U64
-    return number
+    return scan_ulong(text)
 
 
 def address_keys(address: bytes, line: bytes) -> list[bytes]:

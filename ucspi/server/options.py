@@ -1,11 +1,21 @@
-"""tcpserver's options: one table feeds the parser, `--help` and the README (spec 6.1, 6.2)."""
+"""tcpserver's options: one table feeds the parser, `--help` and the README (spec 6.1, 6.2).
+
+0.88's letters keep 0.88's lenient number scan (apply_options). Options that 0.88 lacks are rows
+with a `parse` (differences item 11): long ones are `--name=value` before the host, and a value
+their parser refuses is a usage error, exit 100. A new feature adds a row, a ServerOptions field
+and, if no validator below fits, one more validator.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-from ucspi.cli.getopt import scan_ulong
+from ucspi.errors import EXIT_PERMANENT
+from ucspi.numbers import scan_ulong
 
 # The usage line of Debian's IPv6 build, whose options we have (differences item 6).
 USAGE = (
@@ -14,39 +24,153 @@ USAGE = (
     " host port program"
 )
 
-# (letter, argument name or None, help). Order is the man page's.
-OPTION_TABLE: tuple[tuple[str, str | None, str], ...] = (
-    ("q", None, "quiet: no messages at all, not even errors"),
-    ("Q", None, "print error messages (default)"),
-    ("v", None, "verbose: also status, pid, ok/deny and end lines"),
-    ("1", None, "after binding, print the local port number on stdout"),
-    ("c", "limit", "serve at most LIMIT clients at once (default 40); others wait in the backlog"),
-    ("x", "rules.cdb", "decide each client by the rules in this cdb (made by tcprules)"),
-    ("X", None, "with -x: a missing rules file means no rules, not a dropped client"),
-    ("B", "banner", "write BANNER to each client before anything else"),
-    ("g", "gid", "switch to this group id (and only it) after binding"),
-    ("u", "uid", "switch to this user id after binding"),
-    ("U", None, "take the uid and gid from $UID and $GID"),
-    ("b", "backlog", "allow up to BACKLOG pending connections (default 20)"),
-    ("o", None, "leave IP options alone"),
-    ("O", None, "kill IP options (default; a no-op on Linux, as in the original)"),
-    ("d", None, "delay small packets (default)"),
-    ("D", None, "never delay small packets (TCP_NODELAY)"),
-    ("h", None, "look up the client's host name in DNS for TCPREMOTEHOST (default)"),
-    ("H", None, "no host name lookup"),
-    ("p", None, "paranoid: keep the host name only if it resolves back to the client's address"),
-    ("P", None, "not paranoid (default)"),
-    ("l", "localname", "use LOCALNAME for TCPLOCALHOST instead of looking it up in DNS"),
-    ("r", None, "ask the client's identd for TCPREMOTEINFO (default)"),
-    ("R", None, "no ident lookup"),
-    ("t", "timeout", "give up on the ident lookup after TIMEOUT seconds (default 26)"),
-    ("4", None, "IPv4 only: host 0 listens on 0.0.0.0 instead of IPv4 and IPv6"),
-    ("6", None, "present IPv4 clients on an IPv6 socket as IPv6 (::ffff:a.b.c.d, PROTO=TCP6)"),
-    ("I", "interface", "the interface (scope) of a link-local address to listen on"),
+
+@dataclass(frozen=True)
+class Option:
+    """One row of an option table."""
+
+    name: str  # one letter (-c) or a word (--max-per-ip)
+    argument: str | None  # the value's name in --help; None: a flag, which takes no value
+    help: str
+    # For options 0.88 lacks: the ServerOptions field set, and the validator of the value
+    # (ValueError when it does not parse). A flag sets its field to True.
+    field: str | None = None
+    parse: Callable[[str], object] | None = None
+
+    @property
+    def is_long(self) -> bool:
+        return len(self.name) > 1
+
+    @property
+    def spelling(self) -> str:
+        return f"--{self.name}" if self.is_long else f"-{self.name}"
+
+
+# 0.88's letters (and the IPv6 build's -4 -6 -I), in the man page's order.
+OPTION_TABLE: tuple[Option, ...] = (
+    Option("q", None, "quiet: no messages at all, not even errors"),
+    Option("Q", None, "print error messages (default)"),
+    Option("v", None, "verbose: also status, pid, ok/deny and end lines"),
+    Option("1", None, "after binding, print the local port number on stdout"),
+    Option("c", "limit", "serve at most LIMIT clients at once (default 40); others wait in the backlog"),
+    Option("x", "rules.cdb", "decide each client by the rules in this cdb (made by tcprules)"),
+    Option("X", None, "with -x: a missing rules file means no rules, not a dropped client"),
+    Option("B", "banner", "write BANNER to each client before anything else"),
+    Option("g", "gid", "switch to this group id (and only it) after binding"),
+    Option("u", "uid", "switch to this user id after binding"),
+    Option("U", None, "take the uid and gid from $UID and $GID"),
+    Option("b", "backlog", "allow up to BACKLOG pending connections (default 20)"),
+    Option("o", None, "leave IP options alone"),
+    Option("O", None, "kill IP options (default; a no-op on Linux, as in the original)"),
+    Option("d", None, "delay small packets (default)"),
+    Option("D", None, "never delay small packets (TCP_NODELAY)"),
+    Option("h", None, "look up the client's host name in DNS for TCPREMOTEHOST (default)"),
+    Option("H", None, "no host name lookup"),
+    Option("p", None, "paranoid: keep the host name only if it resolves back to the client's address"),
+    Option("P", None, "not paranoid (default)"),
+    Option("l", "localname", "use LOCALNAME for TCPLOCALHOST instead of looking it up in DNS"),
+    Option("r", None, "ask the client's identd for TCPREMOTEINFO (default)"),
+    Option("R", None, "no ident lookup"),
+    Option("t", "timeout", "give up on the ident lookup after TIMEOUT seconds (default 26)"),
+    Option("4", None, "IPv4 only: host 0 listens on 0.0.0.0 instead of IPv4 and IPv6"),
+    Option("6", None, "present IPv4 clients on an IPv6 socket as IPv6 (::ffff:a.b.c.d, PROTO=TCP6)"),
+    Option("I", "interface", "the interface (scope) of a link-local address to listen on"),
 )
 
-FLAG_LETTERS = "".join(letter for letter, argument, _ in OPTION_TABLE if argument is None)
-ARGUMENT_LETTERS = "".join(letter for letter, argument, _ in OPTION_TABLE if argument is not None)
+# `--name=value` options, 0.88 has none: the features to come add their rows here.
+LONG_OPTIONS: tuple[Option, ...] = ()
+
+FLAG_LETTERS = "".join(option.name for option in OPTION_TABLE if option.argument is None)
+ARGUMENT_LETTERS = "".join(option.name for option in OPTION_TABLE if option.argument is not None)
+
+
+class UnknownOption(Exception):
+    """A `--name` no row of the table has: a usage error, as an illegal letter is."""
+
+    def __init__(self, spelling: str) -> None:
+        super().__init__(spelling)
+        self.spelling = spelling
+
+    def message(self, program_name: str) -> bytes:
+        return os.fsencode(f"{program_name}: illegal option {self.spelling}")
+
+
+class BadValue(Exception):
+    """A new option's value missing or refused by its validator: `bad value for --NAME: VALUE`."""
+
+    exit_code = EXIT_PERMANENT
+
+    def __init__(self, spelling: str, value: str) -> None:
+        super().__init__(spelling, value)
+        self.spelling = spelling
+        self.value = value
+
+    @property
+    def message(self) -> bytes:
+        return os.fsencode(f"tcpserver: fatal: bad value for {self.spelling}: {self.value}")
+
+
+# ---- validators for new options: each takes the text and returns the value, or raises ValueError
+
+_DECIMAL = re.compile(r"[0-9]+")
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
+def integer(minimum: int = 0, maximum: int = (1 << 63) - 1) -> Callable[[str], int]:
+    """Plain ASCII decimal digits (no sign, space or `_`) making a number in [minimum, maximum]."""
+
+    def parse(text: str) -> int:
+        # More digits than the maximum has is out of range at once: no int() of a huge string.
+        if not _DECIMAL.fullmatch(text) or len(text.lstrip("0")) > len(str(maximum)):
+            raise ValueError(text)
+        number = int(text)
+        if not minimum <= number <= maximum:
+            raise ValueError(text)
+        return number
+
+    return parse
+
+
+def seconds(maximum: float = 86400.0) -> Callable[[str], float]:
+    """A duration: digits with an optional decimal fraction (`5`, `0.25`), at most maximum."""
+
+    def parse(text: str) -> float:
+        if not _SECONDS.fullmatch(text) or len(text.partition(".")[0].lstrip("0")) > len(str(int(maximum))):
+            raise ValueError(text)
+        duration = float(text)
+        if duration > maximum:
+            raise ValueError(text)
+        return duration
+
+    return parse
+
+
+def keyword(choices: Collection[str]) -> Callable[[str], str]:
+    """One word of a fixed set, spelt exactly."""
+    allowed = frozenset(choices)
+
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(text)
+        return text
+
+    return parse
+
+
+def cidr_list(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """`CIDR[,CIDR...]`: networks with no host bits set (`10.0.0.0/8`); a bare address is /32 or /128."""
+    if not text:
+        raise ValueError(text)
+    networks = []
+    for part in text.split(","):
+        # ipaddress allows what a trust list should not: spaces around, and a netmask for a length.
+        if not part or part != part.strip() or ("/" in part and not _DECIMAL.fullmatch(part.partition("/")[2])):
+            raise ValueError(text)
+        networks.append(ipaddress.ip_network(part, strict=True))
+    return tuple(networks)
+
+
+# ---- the options themselves
 
 
 @dataclass
@@ -74,10 +198,39 @@ class ServerOptions:
     operands: list[str] = field(default_factory=list)
 
 
-def apply_options(parsed: list[tuple[str, str | None]], environ: dict[bytes, bytes]) -> ServerOptions:
-    """Fold getopt's (letter, argument) pairs into ServerOptions; the last of a kind wins."""
+def _table_value(option: Option, spelling: str, value: str | None) -> object:
+    """A new option's value as its row parses it; BadValue when missing, refused, or given to a flag."""
+    if option.parse is None:
+        if value is not None:
+            raise BadValue(spelling, value)
+        return True
+    if value is None:
+        raise BadValue(spelling, "")
+    try:
+        return option.parse(value)
+    except ValueError:
+        raise BadValue(spelling, value) from None
+
+
+def apply_options(
+    parsed: list[tuple[str, str | None]],
+    environ: dict[bytes, bytes],
+    table: Sequence[Option] = OPTION_TABLE + LONG_OPTIONS,
+) -> ServerOptions:
+    """Fold getopt's (letter or `--name`, argument) pairs into ServerOptions; the last of a kind wins.
+
+    Raises UnknownOption or BadValue for a new option (a row with a field) it cannot take.
+    """
+    rows = {option.spelling: option for option in table}
     options = ServerOptions()
     for letter, argument in parsed:
+        spelling = letter if letter.startswith("--") else "-" + letter
+        row = rows.get(spelling)
+        if row is None and spelling.startswith("--"):
+            raise UnknownOption(spelling)
+        if row is not None and row.field is not None:
+            setattr(options, row.field, _table_value(row, spelling, argument))
+            continue
         value = argument or ""
         match letter:
             case "q":
