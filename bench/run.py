@@ -147,9 +147,13 @@ def side_by_side(
     return results
 
 
+def round_ratios(numerators: Sequence[LoadResult], denominators: Sequence[LoadResult]) -> list[float]:
+    """The per-round rate ratios: both ran in the same round, on the same machine state."""
+    return [top.rate / bottom.rate for top, bottom in zip(numerators, denominators, strict=True) if bottom.rate]
+
+
 def median_ratio(numerators: Sequence[LoadResult], denominators: Sequence[LoadResult]) -> float:
-    """The median of the per-round rate ratios: both ran in the same round, on the same machine state."""
-    ratios = [top.rate / bottom.rate for top, bottom in zip(numerators, denominators, strict=True) if bottom.rate]
+    ratios = round_ratios(numerators, denominators)
     return statistics.median(ratios) if ratios else 0.0
 
 
@@ -347,8 +351,14 @@ def scenario_row(scenario: Scenario, results: dict[str, list[LoadResult]], with_
     cells = [scenario.name, *rates, f"{ours_to_c:.2f}", goal]
     if with_baseline:
         ours_to_baseline = median_ratio(results["ours"], results["baseline"])
+        # The rounds' spread beside the median: it tells a regression from this machine's noise.
+        spread = round_ratios(results["ours"], results["baseline"]) or [0.0]
         floor = "ok" if ours_to_baseline >= BASELINE_FLOOR else "**below**"
-        cells += [f"{median_ratio(results['baseline'], results['C']):.2f}", f"{ours_to_baseline:.2f}", floor]
+        cells += [
+            f"{median_ratio(results['baseline'], results['C']):.2f}",
+            f"{ours_to_baseline:.2f} ({min(spread):.2f}-{max(spread):.2f})",
+            floor,
+        ]
     cells += [latency_cell(results[name]) for name in names]
     cells.append(" / ".join(str(sum(r.failed for r in results[name])) for name in names))
     return "| " + " | ".join(cells) + " |"
@@ -363,7 +373,7 @@ def table_header(with_baseline: bool) -> list[str]:
         ]
     return [
         "| scenario | C conn/s | ours conn/s | baseline conn/s | ours / C | goal | baseline / C "
-        f"| ours / baseline | ≥ {BASELINE_FLOOR:.2f}× baseline "
+        f"| ours / baseline (rounds' range) | ≥ {BASELINE_FLOOR:.2f}× baseline "
         "| C p50 / p99 µs | ours p50 / p99 µs | baseline p50 / p99 µs | failed C / ours / baseline |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -371,7 +381,9 @@ def table_header(with_baseline: bool) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, help="rounds per scenario (default 5; --quick: one per contestant)")
+    parser.add_argument(
+        "--rounds", type=int, help="rounds per scenario (default 5, with --baseline 6; --quick: one per server)"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer connections and rounds, for a smoke run")
     parser.add_argument("--memory-connections", type=int, default=100_000)
     parser.add_argument(
@@ -391,14 +403,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 100
     with_baseline = baseline_commit is not None
     contestant_count = 3 if with_baseline else 2
-    rounds = arguments.rounds or (contestant_count if arguments.quick else 5)
+    # With a baseline, 6 rounds: each of the three servers goes first twice.
+    rounds = arguments.rounds or (contestant_count if arguments.quick else 6 if with_baseline else 5)
     started = time.monotonic()
     lines = [
         f"# ucspi benchmark, {time.strftime('%Y-%m-%d %H:%M %Z')}",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
         f"Python {platform.python_version()}. All servers with `{' '.join(QUIET_FLAGS)}`; "
-        f"{rounds} rounds, the order rotating; medians, and the median of per-round ratios.",
+        f"{rounds} rounds, the order rotating; medians, and the median of per-round ratios."
+        + (" A `--quick` run: fewer connections per run, a smoke test, not figures." if arguments.quick else ""),
     ]
     with tempfile.TemporaryDirectory(prefix="ucspi-bench-") as scratch:
         work = Path(scratch)
