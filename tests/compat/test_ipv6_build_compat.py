@@ -1,6 +1,10 @@
 """IPv6 clients, side by side with Debian's IPv6 build (ucspi-tcp-ipv6, fefe's patch), the model
 for their environment and log lines (issue 6). That package conflicts with ucspi-tcp, so .ci/run
-unpacks it beside it (apt-get download, dpkg -x) into /opt/ucspi-tcp-ipv6; skipped without it."""
+unpacks it beside it (apt-get download, dpkg -x) into /opt/ucspi-tcp-ipv6; skipped without it.
+
+That build listens on IPv6 and IPv4 for host `0`; ours, as 0.88, on 0.0.0.0 only, and on both
+for `::` (differences item 3). So the build runs with `0` and ours with `::`: what a user coming
+from ucspi-tcp-ipv6 writes."""
 
 from __future__ import annotations
 
@@ -35,8 +39,9 @@ _PORTS = re.compile(rb":\d+( |$)")
 
 
 def _served(server: Path, options: list[str]) -> tuple[list[bytes], list[bytes]]:
+    host = "0" if server == IPV6_BUILD else "::"
     process = start_server(
-        server, ["-v", *options], ["cat", "/proc/self/environ"], host="::1", environment=plain_environment()
+        server, ["-v", *options], ["cat", "/proc/self/environ"], host=host, environment=plain_environment()
     )
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as client:

@@ -1,5 +1,6 @@
-"""IPv6 serving: one dual-stack socket for host 0, IPv6 literals, -4, -6; the environment and
-the log line of each kind of client (issue 6; differences items 5 and 6)."""
+"""IPv6 serving: host 0 is 0.0.0.0 as in 0.88, `::` one dual-stack socket, IPv6 literals, -4, -6;
+the environment and the log line of each kind of client (issues 6 and 9; differences items 3, 5
+and 6)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,18 @@ import socket
 from pathlib import Path
 
 import pytest
-from serverproc import OUR_SERVER, OUR_TCPRULES, launch, plain_environment, read_to_eof, rules_cdb, start_server
+from serverproc import (
+    ORIGINAL_SERVER,
+    OUR_SERVER,
+    OUR_TCPRULES,
+    Implementation,
+    launch,
+    original_available,
+    plain_environment,
+    read_to_eof,
+    rules_cdb,
+    start_server,
+)
 
 
 def _ipv6_loopback_works() -> bool:
@@ -34,9 +46,13 @@ def fetch(port: int, host: str) -> bytes:
         return read_to_eof(client)
 
 
-def served(options: list[str], host: str, client: str) -> tuple[list[bytes], list[bytes], int]:
+def served(
+    options: list[str], host: str, client: str, implementation: Implementation = OUR_SERVER
+) -> tuple[list[bytes], list[bytes], int]:
     """(the program's environment entries, the server's log, the client's port)."""
-    server = start_server(OUR_SERVER.command, ["-v", "-HRl0", *options], SHOW_ENVIRONMENT, host=host, environment=BASE)
+    server = start_server(
+        implementation.command, ["-v", "-HRl0", *options], SHOW_ENVIRONMENT, host=host, environment=BASE
+    )
     try:
         entries = fetch(server.port, client).split(b"\0")[:-1]
         server.wait_for_log(r"^tcpserver: end \d+ status 0$")
@@ -81,17 +97,51 @@ def _ports(entries: list[bytes]) -> tuple[bytes, bytes]:
     return values[b"TCPLOCALPORT"], values[b"TCPREMOTEPORT"]
 
 
-@pytest.mark.parametrize("host", ["0", ""])
-def test_host_0_serves_ipv4_clients_exactly_as_0_88(host: str) -> None:
-    entries, log, remote_port = served([], host, "127.0.0.1")
+IMPLEMENTATIONS = [
+    pytest.param(OUR_SERVER, id="ours"),
+    pytest.param(
+        ORIGINAL_SERVER,
+        id="original",
+        marks=pytest.mark.skipif(not original_available(), reason="the original tcpserver is not installed"),
+    ),
+]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("host", ["0", "", "::"])
+def test_ipv4_clients_of_host_0_and_of_the_dual_stack_socket_get_0_88_s_environment(
+    host: str, implementation: Implementation
+) -> None:
+    if host == "::" and implementation is ORIGINAL_SERVER:
+        pytest.skip("0.88 has no IPv6")
+    entries, log, remote_port = served([], host, "127.0.0.1", implementation)
     local_port, remote = _ports(entries)
     assert entries == ipv4_environment(local_port, remote)
     assert any(line.startswith(b"tcpserver: pid ") and line.endswith(b" from 127.0.0.1") for line in log)
     assert any(line.endswith(b" 0:127.0.0.1:%s :127.0.0.1::%d" % (local_port, remote_port)) for line in log)
 
 
-def test_host_0_serves_ipv6_clients_with_tcp6_variables_and_the_ipv6_log_layout() -> None:
-    entries, log, remote_port = served([], "0", "::1")
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("options", [[], ["-4"]])
+@pytest.mark.parametrize("host", ["0", ""])
+def test_host_0_and_the_empty_host_listen_on_0_0_0_0_only(
+    host: str, options: list[str], implementation: Implementation
+) -> None:
+    """As in 0.88: an IPv6 client is refused (and falls back to 127.0.0.1, where the rules for
+    local clients are), -4 changes nothing."""
+    if options and implementation is ORIGINAL_SERVER:
+        pytest.skip("-4 is the IPv6 build's option; 0.88 calls it illegal")
+    server = start_server(implementation.command, ["-HRl0", *options], SHOW_ENVIRONMENT, host=host, environment=BASE)
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            fetch(server.port, "::1")
+        assert b"\0PROTO=TCP\0TCPLOCALIP=127.0.0.1\0" in fetch(server.port, "127.0.0.1")
+    finally:
+        server.stop()
+
+
+def test_dual_stack_socket_serves_ipv6_clients_with_tcp6_variables_and_the_ipv6_log_layout() -> None:
+    entries, log, remote_port = served([], "::", "::1")
     local_port, remote = _ports(entries)
     assert entries == ipv6_environment(b"::1", b"::1", local_port, remote)
     assert any(line.startswith(b"tcpserver: pid ") and line.endswith(b" from ::1") for line in log)
@@ -104,29 +154,19 @@ def test_ipv6_literal_host() -> None:
     assert entries == ipv6_environment(b"::1", b"::1", local_port, remote)
 
 
-def test_minus_6_presents_ipv4_clients_as_v4_mapped_ipv6() -> None:
-    entries, log, remote_port = served(["-6"], "0", "127.0.0.1")
+def test_minus_6_presents_ipv4_clients_of_the_dual_stack_socket_as_v4_mapped_ipv6() -> None:
+    entries, log, remote_port = served(["-6"], "::", "127.0.0.1")
     local_port, remote = _ports(entries)
     mapped = b"::ffff:127.0.0.1"
     assert entries == ipv6_environment(mapped, mapped, local_port, remote)
     assert any(line.endswith(b" 0:%s:%s :%s::%d" % (mapped, local_port, mapped, remote_port)) for line in log)
 
 
-def test_minus_4_listens_on_ipv4_only() -> None:
-    server = start_server(OUR_SERVER.command, ["-4", "-HRl0"], SHOW_ENVIRONMENT, host="0", environment=BASE)
-    try:
-        assert b"PROTO=TCP\0" in fetch(server.port, "127.0.0.1")
-        with pytest.raises(ConnectionRefusedError):
-            fetch(server.port, "::1")
-    finally:
-        server.stop()
-
-
 @pytest.mark.parametrize("options", [[], ["-6"]])
 def test_v4_mapped_clients_are_looked_up_by_their_dotted_quad(tmp_path: Path, options: list[str]) -> None:
     cdb = rules_cdb(tmp_path, '127.0.0.1:allow,WHO="v4 rule"\n:deny\n')
     server = start_server(
-        OUR_SERVER.command, ["-HRl0", "-x", str(cdb), *options], SHOW_ENVIRONMENT, host="0", environment=BASE
+        OUR_SERVER.command, ["-HRl0", "-x", str(cdb), *options], SHOW_ENVIRONMENT, host="::", environment=BASE
     )
     try:
         assert b"WHO=v4 rule\0" in fetch(server.port, "127.0.0.1")
@@ -162,7 +202,7 @@ def test_ipv6_and_cidr_rules_apply_to_the_clients_they_name(
 ) -> None:
     cdb = rules_cdb(tmp_path, RULES, tcprules=OUR_TCPRULES)
     server = start_server(
-        OUR_SERVER.command, ["-HRl0", "-x", str(cdb), *options], SHOW_ENVIRONMENT, host="0", environment=BASE
+        OUR_SERVER.command, ["-HRl0", "-x", str(cdb), *options], SHOW_ENVIRONMENT, host="::", environment=BASE
     )
     try:
         assert b"\0WHO=" + who + b"\0" in fetch(server.port, client)

@@ -46,18 +46,20 @@ def _dotted_quad(host: str) -> str | None:
     return ".".join(str(octet) for octet in octets[:4])
 
 
-ALL_ADDRESSES = ""  # host `0` or empty: IPv4 and IPv6 on one socket, or 0.0.0.0 with -4
+ALL_IPV4_ADDRESSES = "0.0.0.0"
 
 
 def resolve_host(host: str, ipv4_only: bool = False) -> str:
-    """The address to bind: ALL_ADDRESSES for `0` and the empty string (spec 6.3), else an IP.
+    """The address to bind: 0.0.0.0 for `0` and the empty string (spec 6.3), else an IP.
 
-    Literal addresses are parsed as strictly as the original (IPv6 ones as inet_pton does); names
-    go through the system resolver, so /etc/hosts is honoured (differences item 3), IPv4 first
-    as 0.88 looks up A records only, IPv6 when a name has no IPv4 address.
+    `0` is IPv4 alone, as in 0.88: where localhost is ::1 first, a local client is refused over
+    IPv6 and falls back to 127.0.0.1, where the rules for local clients are. `::` listens on
+    both (differences item 3). Literal addresses are parsed as strictly as the original (IPv6
+    ones as inet_pton does); names go through the system resolver, so /etc/hosts is honoured,
+    IPv4 first as 0.88 looks up A records only, IPv6 when a name has no IPv4 address (-4: never).
     """
     if host in ("", "0"):
-        return ALL_ADDRESSES
+        return ALL_IPV4_ADDRESSES
     if set(host) <= _DOTTED_CHARACTERS:
         address = _dotted_quad(host)
         if address is None:
@@ -131,20 +133,12 @@ def bind_listener(
 ) -> socket.socket:
     """A listening TCP socket with SO_REUSEADDR, non-blocking for the event loop.
 
-    All addresses: one IPv6 socket that also takes IPv4 clients (as v4-mapped addresses), or
-    0.0.0.0 with -4 or where the host has no IPv6.
+    `::` is one socket for IPv6 and IPv4 clients (v4-mapped), whatever the system's
+    net.ipv6.bindv6only says. ipv4_only was applied by resolve_host: an IP here is already one.
     """
-    if ip == ALL_ADDRESSES:
-        if not ipv4_only and socket.has_ipv6:
-            try:
-                return _listening_socket(socket.AF_INET6, ("::", port), backlog, dual_stack=True)
-            except Fatal as fatal:
-                # No IPv6 here (no kernel support, or disabled): IPv4 alone, as the 0.88 server.
-                if fatal.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
-                    raise
-        return _listening_socket(socket.AF_INET, ("0.0.0.0", port), backlog, None)
     if ":" in ip:
-        return _listening_socket(socket.AF_INET6, (ip, port, 0, _interface_index(interface)), backlog, None)
+        dual_stack = True if socket.inet_pton(socket.AF_INET6, ip) == bytes(16) else None
+        return _listening_socket(socket.AF_INET6, (ip, port, 0, _interface_index(interface)), backlog, dual_stack)
     return _listening_socket(socket.AF_INET, (ip, port), backlog, None)
 
 
