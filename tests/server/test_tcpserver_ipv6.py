@@ -4,7 +4,12 @@ and 6)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -208,3 +213,64 @@ def test_ipv6_and_cidr_rules_apply_to_the_clients_they_name(
         assert b"\0WHO=" + who + b"\0" in fetch(server.port, client)
     finally:
         server.stop()
+
+
+_NETNS_CLIENT = """
+import socket, sys
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+with socket.socket(family) as s:
+    s.settimeout(5)
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+sys.stdout.buffer.write(data)
+"""
+
+
+def _ip(*arguments: str) -> None:
+    subprocess.run(["ip", *arguments], check=True, capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def bindv6only_namespace() -> Iterator[str]:
+    """A network namespace of the test's own whose IPv6 sockets default to IPv6 only."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2's ip")
+    namespace = f"ucspi-v6only{os.getpid() % 100000}"
+    try:
+        _ip("netns", "add", namespace)
+    except subprocess.CalledProcessError as error:
+        pytest.skip(f"ip netns add refused here: {error.stderr.decode(errors='replace').strip()}")
+    try:
+        _ip("-n", namespace, "link", "set", "lo", "up")
+        subprocess.run(
+            ["ip", "netns", "exec", namespace, "sysctl", "-qw", "net.ipv6.bindv6only=1"],
+            check=True, capture_output=True, timeout=10,
+        )  # fmt: skip
+        yield namespace
+    finally:
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=10)
+
+
+def test_dual_stack_socket_takes_ipv4_clients_where_the_system_default_is_ipv6_only(
+    bindv6only_namespace: str,
+) -> None:
+    in_namespace = ["ip", "netns", "exec", bindv6only_namespace]
+    server = subprocess.Popen(
+        [*in_namespace, str(OUR_SERVER.command), "-1", "-HRl0", "::", "0", "sh", "-c", "echo $PROTO $TCPREMOTEIP"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        port = server.stdout.readline().strip().decode()
+        assert port.isdigit(), server.stderr.read() if server.stderr else b""
+        client = [*in_namespace, sys.executable, "-c", _NETNS_CLIENT]
+        replies = [
+            subprocess.run([*client, ip, port], capture_output=True, timeout=20, check=True).stdout
+            for ip in ("127.0.0.1", "::1")
+        ]
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert replies == [b"TCP 127.0.0.1\n", b"TCP6 ::1\n"]
