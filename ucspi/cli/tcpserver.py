@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 
 from ucspi.cli.getopt import GetoptError, getopt
 from ucspi.errors import EXIT_PERMANENT, EXIT_TEMPORARY, Fatal
@@ -18,6 +19,7 @@ from ucspi.server.options import (
     OPTION_TABLE,
     USAGE,
     BadValue,
+    Option,
     ServerOptions,
     UnknownOption,
     apply_options,
@@ -36,7 +38,7 @@ def _write_stderr(text: str | bytes) -> None:
     _write_fd(2, (os.fsencode(text) if isinstance(text, str) else text) + b"\n")
 
 
-def help_text() -> str:
+def help_text(long_options: Sequence[Option] = LONG_OPTIONS) -> str:
     """--help (differences item 4), formatted by click from the option tables."""
     import click
 
@@ -55,12 +57,12 @@ def help_text() -> str:
                 for option in OPTION_TABLE
             ]
         )
-    if LONG_OPTIONS:
+    if long_options:
         with formatter.section("Long options (before the host)"):
             formatter.write_dl(
                 [
                     (option.spelling + (f"={option.argument}" if option.argument else ""), option.help)
-                    for option in LONG_OPTIONS
+                    for option in long_options
                 ]
             )
     with formatter.section("Exit codes"):
@@ -144,12 +146,13 @@ def _exit_0_on_sigterm() -> None:
     threading.Thread(target=_wait_for_sigterm, name="sigterm", daemon=True).start()
 
 
-def main() -> None:
+def main(long_options: Sequence[Option] = LONG_OPTIONS) -> None:
+    """The command; tests pass rows of options to come as long_options."""
     _open_closed_standard_descriptors()
     program_name = os.path.basename(sys.argv[0]) or "tcpserver"
     arguments = sys.argv[1:]
     if arguments == ["--help"]:
-        _write_fd(1, help_text().encode())
+        _write_fd(1, help_text(long_options).encode())
         return
     if arguments == ["--version"]:
         _write_fd(1, version_text().encode())
@@ -162,7 +165,7 @@ def main() -> None:
         return
     initial_environment = read_initial_environment()
     try:
-        options = apply_options(parsed, first_values(initial_environment))
+        options = apply_options(parsed, first_values(initial_environment), (*OPTION_TABLE, *long_options))
     except UnknownOption as error:
         _write_stderr(error.message(program_name))
         _usage_and_exit(True)
