@@ -253,6 +253,15 @@ def resolve_commit(commit: str) -> tuple[str, str] | None:
     return sha, described
 
 
+def working_tree_state() -> str:
+    """How ours differs from HEAD, in words: the report must say what "ours" was."""
+    changed = git("status", "--porcelain", "--", "ucspi", capture_output=True, text=True).stdout.splitlines()
+    head = git("log", "-1", "--format=%h", capture_output=True, text=True).stdout.strip()
+    if not changed:
+        return f"the working tree, whose ucspi/ is HEAD's ({head})"
+    return f"the working tree: HEAD ({head}) with {len(changed)} files changed under ucspi/"
+
+
 def tcpserver_entry_point(tree: Path) -> tuple[str, str]:
     """(module, function) of the tree's own `tcpserver` console script, as pip would install it."""
     setup_cfg = tree / "setup.cfg"
@@ -425,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "",
                 f"Baseline: `{described}` (`--baseline={arguments.baseline}`), extracted with git archive and "
                 f"run by the same interpreter as ours, importing its own package "
-                f"(`{Path(module_file).relative_to(work)}` in the scratch tree); ours is the working tree. "
+                f"(`{Path(module_file).relative_to(work)}` in the scratch tree); ours is {working_tree_state()}. "
                 f"A row where ours falls below {BASELINE_FLOOR:.2f}× the baseline is flagged **below**.",
             ]
             print(lines[-1], flush=True)
