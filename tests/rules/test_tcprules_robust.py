@@ -161,6 +161,24 @@ def test_cdb_library_out_of_memory(commands: Commands, workdir: Path) -> None:
     assert (workdir / "rules.tmp").exists()  # left behind, as the original leaves it
 
 
+@needs_syscall_table
+@pytest.mark.parametrize("commands", BOTH)
+def test_line_too_long_for_memory(commands: Commands, workdir: Path) -> None:
+    """A line that outgrows the memory left: `unable to read input: out of memory`, 111.
+
+    Blocked in its first read(), each process gets an address-space limit of its present size
+    plus 16 MiB, then a 64 MiB line.
+    """
+    cdb = existing_cdb(workdir / "rules.cdb")
+    process = _start(commands, workdir)
+    _wait_until(lambda: _blocked_in(process.pid, "read", 0), "waiting for input")
+    limit = _virtual_size(process.pid) + (16 << 20)
+    resource.prlimit(process.pid, resource.RLIMIT_AS, (limit, limit))
+    finished = _finish(process, _feed(process, b':allow,X="' + b"x" * (64 << 20) + b'"\n'))
+    assert finished == Finished(111, b"", b"tcprules: fatal: unable to read input: out of memory\n")
+    cdb.assert_untouched()
+
+
 # --- runs sharing one TMP --------------------------------------------------------------------
 
 
