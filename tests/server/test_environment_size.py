@@ -3,6 +3,7 @@ variables is that client's cost alone, and the build keeps pathexec's exact sema
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -75,6 +76,21 @@ def test_a_rule_with_10000_variables_costs_only_its_own_client(tmp_path: Path) -
         expected = pathexec_environment(INITIAL, changes)
     assert b"FOO=from the rule" in expected and len(expected) > VARIABLE_COUNT * 0.99
     assert heavy == expected
+
+
+def test_sigterm_while_a_10000_variable_client_is_decided_ends_the_server_at_once(tmp_path: Path) -> None:
+    variables = _rule_variables()
+    rule = b",".join(name + b'="' + value + b'"' for name, value in variables)
+    cdb = rules_cdb(tmp_path, b"%s:allow,%s\n:allow\n" % (HEAVY_CLIENT.encode(), rule))
+    with start_server(OUR_SERVER.command, ["-HRl0", "-x", str(cdb)], CAT_ENVIRON, environment=INITIAL) as server:
+        with connect(server.port, source=HEAVY_CLIENT, timeout=30):
+            time.sleep(0.05)
+            sent = time.monotonic()
+            server.signal(signal.SIGTERM)
+            exit_code = server.wait(timeout=30)
+            took = time.monotonic() - sent
+    assert exit_code == 0
+    assert took < 1.0  # the quadratic build held TERM back for seconds
 
 
 # Few names, so that duplicates and removals of present names are common; the empty name too.
