@@ -179,6 +179,40 @@ def test_line_too_long_for_memory(commands: Commands, workdir: Path) -> None:
     cdb.assert_untouched()
 
 
+# TMP that is no regular file: opening, locking and checking it keeps the original's words.
+_NOT_REGULAR = {
+    "fifo-without-reader": (b"unable to create rules.tmp: device not configured", "fifo"),
+    "fifo-with-reader": (b"unable to write to rules.tmp: unseekable descriptor", "fifo"),
+    "directory": (b"unable to create rules.tmp: is a directory", "directory"),
+    "dev-null": (b"unable to write to rules.tmp: invalid argument", "/dev/null"),
+}
+
+
+@pytest.mark.parametrize("commands", BOTH)
+@pytest.mark.parametrize("name", list(_NOT_REGULAR))
+def test_tmp_not_a_regular_file(commands: Commands, name: str, workdir: Path) -> None:
+    message, kind = _NOT_REGULAR[name]
+    cdb = existing_cdb(workdir / "rules.cdb")
+    tmp = workdir / "rules.tmp"
+    reader = -1
+    if kind == "fifo":
+        os.mkfifo(tmp)
+        if name == "fifo-with-reader":
+            reader = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK)
+    elif kind == "directory":
+        tmp.mkdir()
+    else:
+        tmp.symlink_to(kind)
+    try:
+        process = _start(commands, workdir)
+        finished = _finish(process, _feed(process, b"1.2.3.4:allow\n"))
+    finally:
+        if reader >= 0:
+            os.close(reader)
+    assert finished == Finished(111, b"", b"tcprules: fatal: " + message + b"\n")
+    cdb.assert_untouched()
+
+
 # --- runs sharing one TMP --------------------------------------------------------------------
 
 
