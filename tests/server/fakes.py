@@ -14,13 +14,15 @@ the `from conftest import ...` of the modules in this folder.
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import random
 import selectors
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
 
@@ -39,6 +41,14 @@ import dns.rrset
 
 # Every wait in the fakes is bounded by this poll interval or by an explicit limit.
 _POLL = 0.05
+# Thousands of clients may knock at once (tests of descriptor shortage): none may wait for a SYN retry.
+_BACKLOG = 4096
+# Thousands of queries may arrive in one burst; the kernel caps this at net.core.rmem_max.
+_UDP_RECEIVE_BUFFER = 4 << 20
+# Wrong-id datagrams sent to one client before the next client's turn, and at most one slice per
+# client in this interval: 32,000 datagrams a second, which the original's children drain in time.
+_JUNK_SLICE = 32
+_JUNK_SLICE_INTERVAL = 0.001
 
 _loopback_lock = threading.Lock()
 _loopback_next = 20
@@ -81,7 +91,7 @@ def _listener(ip: str, port: int) -> socket.socket:
         # TIME_WAIT leftovers of an earlier test on this address must not block the bind.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((ip, port))
-        sock.listen(16)
+        sock.listen(_BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -174,8 +184,11 @@ class FakeDNS(_Fake):
     Modes: "answer" (the table; names not in it get NXDOMAIN), "nxdomain", "servfail", "silent"
     (reads and never answers), "nonsense" (random bytes), "wrong-id" (a correct answer with another
     id), "truncate" (UDP replies only set TC; TCP answers from the table). `mode` may be changed
-    while running; `delay` holds every reply back that many seconds; tcp=False leaves port 53/tcp
-    closed.
+    while running; `delay` holds every reply back that many seconds from its query's arrival
+    (replies to queries that came together leave together); `junk_before_answer` sends that many
+    copies of each UDP reply with wrong ids, from the same address, just before it (the junk of
+    replies due together goes out interleaved, a slice for each in turn, as from a server answering
+    them all at once); tcp=False leaves port 53/tcp closed.
     """
 
     name = "fake-dns"
@@ -189,6 +202,7 @@ class FakeDNS(_Fake):
         a: Mapping[str, Iterable[str]] | None = None,
         aaaa: Mapping[str, Iterable[str]] | None = None,
         delay: float = 0.0,
+        junk_before_answer: int = 0,
         tcp: bool = True,
         port: int = 53,
     ) -> None:
@@ -198,7 +212,14 @@ class FakeDNS(_Fake):
         self.tcp = tcp
         self.mode: DNSMode = mode
         self.delay = delay
+        self.junk_before_answer = junk_before_answer
+        self.junk_sent = 0
         self.requests: list[DNSRequest] = []
+        # UDP replies held back by `delay`: (when due, arrival order, reply, client).
+        self._due: list[tuple[float, int, bytes, tuple]] = []
+        self._arrivals = itertools.count()
+        # Replies whose junk is going out: [reply, client, wrong ids sent so far, next slice at].
+        self._junk_in_progress: list[list] = []
         self._table: dict[tuple[dns.name.Name, int], list[dns.rdata.Rdata]] = {}
         self._random = random.Random(53)
         for address, target in (ptr or {}).items():
@@ -227,6 +248,8 @@ class FakeDNS(_Fake):
     def _open(self) -> None:
         udp = socket.socket(socket.AF_INET6 if ":" in self.ip else socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RECEIVE_BUFFER)
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _UDP_RECEIVE_BUFFER)
             udp.bind((self.ip, self.port))
             udp.setblocking(False)
             self._udp = udp
@@ -238,15 +261,20 @@ class FakeDNS(_Fake):
             raise
 
     def _serve_once(self, selector: selectors.BaseSelector) -> None:
-        for key, _ in selector.select(_POLL):
+        due = [self._due[0][0]] if self._due else []
+        due += [job[3] for job in self._junk_in_progress]
+        wait = min(_POLL, max(0.0, min(due) - time.monotonic())) if due else _POLL
+        for key, _ in selector.select(wait):
             if key.fileobj is self._udp:
-                try:
-                    query, client = self._udp.recvfrom(65535)
-                except OSError:
-                    continue
-                reply = self._reply(query, "udp")
-                if reply is not None and self._hold():
-                    self._udp.sendto(reply, client)
+                # Everything queued, so a burst of queries does not wait for one select each.
+                for _ in range(1000):
+                    try:
+                        query, client = self._udp.recvfrom(65535)
+                    except OSError:
+                        break
+                    reply = self._reply(query, "udp")
+                    if reply is not None:
+                        heapq.heappush(self._due, (time.monotonic() + self.delay, next(self._arrivals), reply, client))
             else:
                 listener = key.fileobj
                 assert isinstance(listener, socket.socket)
@@ -255,9 +283,42 @@ class FakeDNS(_Fake):
                 except OSError:
                     continue
                 self._start_worker(lambda conn=conn: self._serve_tcp(conn))
+        while self._due and self._due[0][0] <= time.monotonic():
+            _, _, reply, client = heapq.heappop(self._due)
+            if self.junk_before_answer and len(reply) >= 2:
+                self._junk_in_progress.append([reply, client, 0, 0.0])
+            else:
+                self._send_udp(reply, client)
+        now = time.monotonic()
+        for job in [job for job in self._junk_in_progress if job[3] <= now]:
+            job[3] = now + _JUNK_SLICE_INTERVAL
+            if self._send_junk_slice(job):
+                self._junk_in_progress.remove(job)
+                self._send_udp(job[0], job[1])
+
+    def _send_junk_slice(self, job: list) -> bool:
+        """The next few wrong-id copies of a reply; True once all of them went out."""
+        reply, client, sent, _ = job
+        right_id, body = int.from_bytes(reply[:2], "big"), reply[2:]
+        stop = min(sent + _JUNK_SLICE, self.junk_before_answer)
+        send = self._udp.sendto
+        for number in range(sent + 1, stop + 1):
+            try:
+                send(((right_id + number) % 65536).to_bytes(2, "big") + body, client)
+            except OSError:
+                continue  # a full send buffer: that piece of junk is lost, as on a real network
+        self.junk_sent += stop - sent
+        job[2] = stop
+        return stop >= self.junk_before_answer
+
+    def _send_udp(self, reply: bytes, client: tuple) -> None:
+        try:
+            self._udp.sendto(reply, client)
+        except OSError as error:
+            self.errors.append(error)
 
     def _hold(self) -> bool:
-        """Wait out `delay`, unless the fake is stopped meanwhile (UDP replies are sent one after another)."""
+        """Wait out `delay` in a TCP worker, unless the fake is stopped meanwhile."""
         return not self._stop.wait(self.delay) if self.delay > 0 else True
 
     def _serve_tcp(self, conn: socket.socket) -> None:
@@ -316,6 +377,15 @@ class FakeDNS(_Fake):
         return response.to_wire(want_shuffle=False)
 
 
+@dataclass
+class _IdentExchange:
+    conn: socket.socket
+    client: tuple[str, int]
+    deadline: float  # for the request line, as the threaded modes' 5 s
+    line: bytearray = field(default_factory=bytearray)
+    reply: bytes = b""
+
+
 def _recv_exactly(conn: socket.socket, length: int) -> bytes:
     data = bytearray()
     while len(data) < length:
@@ -341,11 +411,12 @@ IdentMode = Literal["reply", "silent", "close", "flood", "garbage"]
 class FakeIdentd(_Fake):
     """An identd on (ip, 113).
 
-    Modes: "reply" (send `reply` after the request line, then close; `reply` may be bytes or a
-    function of the request line), "silent" (read the request, say nothing, hold the connection
-    until the fake stops), "close" (close at once, unread), "flood" (send `flood_prefix` then
-    bytes with no newline until the client leaves or `flood_limit` bytes went out), "garbage"
-    (read the request, send `garbage_size` random bytes, close).
+    Modes: "reply" (send `reply` after the request line, `delay` seconds after it came, then close;
+    `reply` may be bytes or a function of the request line), "silent" (read the request, say
+    nothing, hold the connection until the fake stops), "close" (close at once, unread), "flood"
+    (send `flood_prefix` then bytes with no newline until the client leaves or `flood_limit` bytes went out), "garbage"
+    (read the request, send `garbage_size` random bytes, close). "reply" is served by the fake's
+    own selector, without a thread per connection, so thousands of clients at once cost little.
     """
 
     name = "fake-identd"
@@ -359,6 +430,7 @@ class FakeIdentd(_Fake):
         flood_prefix: bytes = b"",
         flood_limit: int = 64 << 20,
         garbage_size: int = 4096,
+        delay: float = 0.0,
         port: int = 113,
     ) -> None:
         super().__init__()
@@ -366,29 +438,87 @@ class FakeIdentd(_Fake):
         self.port = port
         self.mode: IdentMode = mode
         self.reply = reply
+        self.delay = delay
         self.flood_prefix = flood_prefix
         self.flood_limit = flood_limit
         self.garbage_size = garbage_size
         self.requests: list[IdentRequest] = []
         self.flooded = 0
         self._random = random.Random(113)
+        # "reply" connections: reading their request, then waiting for their reply to be due.
+        self._reading: dict[socket.socket, _IdentExchange] = {}
+        self._due: list[tuple[float, int, _IdentExchange]] = []
+        self._arrivals = itertools.count()
 
     def _open(self) -> None:
         self._listen = _listener(self.ip, self.port)
         self._sockets = [self._listen]
 
+    def stop(self) -> None:
+        super().stop()
+        for exchange in [*self._reading.values(), *(due[2] for due in self._due)]:
+            exchange.conn.close()
+        self._reading.clear()
+        self._due.clear()
+
     def _serve_once(self, selector: selectors.BaseSelector) -> None:
-        if not selector.select(_POLL):
-            return
+        wait = _POLL if not self._due else min(_POLL, max(0.0, self._due[0][0] - time.monotonic()))
+        for key, _ in selector.select(wait):
+            if key.fileobj is self._listen:
+                self._accept_all(selector)
+            else:
+                self._read_request_part(selector, key.data)
+        now = time.monotonic()
+        for exchange in [exchange for exchange in self._reading.values() if exchange.deadline <= now]:
+            self._request_complete(selector, exchange)
+        while self._due and self._due[0][0] <= now:
+            self._send_reply(heapq.heappop(self._due)[2])
+
+    def _accept_all(self, selector: selectors.BaseSelector) -> None:
+        for _ in range(_BACKLOG):
+            try:
+                conn, client = self._listen.accept()
+            except OSError:
+                return
+            if self.mode == "close":
+                self.requests.append(IdentRequest(client[:2], b""))
+                conn.close()
+            elif self.mode == "reply":
+                conn.setblocking(False)
+                exchange = _IdentExchange(conn, client[:2], time.monotonic() + 5)
+                self._reading[conn] = exchange
+                selector.register(conn, selectors.EVENT_READ, exchange)
+            else:
+                self._start_worker(lambda conn=conn, client=client: self._serve(conn, client[:2]))
+
+    def _read_request_part(self, selector: selectors.BaseSelector, exchange: _IdentExchange) -> None:
         try:
-            conn, client = self._listen.accept()
+            chunk = exchange.conn.recv(1000)
+        except BlockingIOError:
+            return
         except OSError:
-            return
-        if self.mode == "close":
-            self.requests.append(IdentRequest(client[:2], b""))
-            conn.close()
-            return
-        self._start_worker(lambda: self._serve(conn, client[:2]))
+            chunk = b""
+        exchange.line += chunk
+        if not chunk or b"\n" in exchange.line or len(exchange.line) >= 1000:
+            self._request_complete(selector, exchange)
+
+    def _request_complete(self, selector: selectors.BaseSelector, exchange: _IdentExchange) -> None:
+        selector.unregister(exchange.conn)
+        del self._reading[exchange.conn]
+        line = bytes(exchange.line)
+        self.requests.append(IdentRequest(exchange.client, line))
+        exchange.reply = self.reply(line) if callable(self.reply) else self.reply
+        heapq.heappush(self._due, (time.monotonic() + self.delay, next(self._arrivals), exchange))
+
+    def _send_reply(self, exchange: _IdentExchange) -> None:
+        with exchange.conn:
+            exchange.conn.settimeout(2)
+            try:
+                exchange.conn.sendall(exchange.reply)
+            except OSError as error:
+                # The client may have given up meanwhile (its -t deadline): what the tests provoke.
+                if error.errno not in (errno.EPIPE, errno.ECONNRESET, None):
+                    self.errors.append(error)
 
     def _read_request(self, conn: socket.socket) -> bytes:
         line = bytearray()

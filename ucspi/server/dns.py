@@ -22,6 +22,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.reversename
 
+from ucspi.server.descriptors import DESCRIPTORS
+
 DNS_PORT = 53
 RESOLV_CONF = "/etc/resolv.conf"
 
@@ -39,6 +41,11 @@ MAX_SERVERS = 16
 _UDP_BUFFER = 513
 # Bound on back-to-back socket errors while waiting out one patient round (they are one-shot ICMP).
 _MAX_ERRORS_PER_ROUND = 100
+# Room for a burst of junk before the answer (the kernel caps it at net.core.rmem_max): the
+# original's child drains its socket at C speed, ours shares the loop with every other query.
+_UDP_RECEIVE_BUFFER = 1 << 20
+# Datagrams read per wakeup: one query's junk cannot hold the loop from the others for long.
+_DATAGRAMS_PER_WAKEUP = 128
 
 _HEADER_LENGTH = 12
 _FLAG_TC = 0x02
@@ -393,46 +400,37 @@ class StubResolver:
     ) -> bytes | _Outcome:
         loop = asyncio.get_running_loop()
         query_id, wire = _query(qname, rdtype)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            sock.setblocking(False)
-            # Connected, so the kernel drops datagrams from elsewhere and reports ICMP refusals.
+            sock = await DESCRIPTORS.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        except OSError:
+            return _Outcome.NEXT
+        try:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RECEIVE_BUFFER)
+            except OSError:
+                pass  # the default buffer still works, with less room for junk
+            # Connected, so the kernel drops datagrams from elsewhere and reports ICMP refusals:
+            # with the id and question checked, a reply must match its source and its query.
             try:
                 sock.connect((server, self.port))
                 if sock.send(wire) != len(wire):
                     return _Outcome.NEXT
             except OSError:
                 return _Outcome.NEXT
-            patient = round_number == _PATIENT_ROUND
-            deadline = loop.time() + self.timeouts[round_number]
-            errors = 0
-            while True:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        if errors >= _MAX_ERRORS_PER_ROUND:
-                            await asyncio.sleep(deadline - loop.time() + 1)
-                        packet = await loop.sock_recv(sock, _UDP_BUFFER)
-                except TimeoutError:
-                    return _Outcome.NEXT
-                except OSError:
-                    packet = b""
-                if not packet:
-                    # An error or an empty datagram: dns_transmit moves on, except in the patient round.
-                    errors += 1
-                    if patient:
-                        continue
-                    return _Outcome.NEXT
-                if len(packet) >= _UDP_BUFFER or not _relevant(packet, query_id, qname, rdtype):
-                    continue
-                if _wants_tcp(packet):
-                    return _Outcome.USE_TCP
-                if _server_failed(packet):
-                    if patient:
-                        continue
-                    return _Outcome.NEXT
-                return packet
+            inbox = _Inbox(loop, sock, query_id, qname, rdtype, patient=round_number == _PATIENT_ROUND)
+            loop.add_reader(sock.fileno(), inbox.on_readable)
+            try:
+                # The round's clock starts once the socket exists: a wait for a descriptor (which
+                # the original's child never has) must not use up the server's time to answer.
+                async with asyncio.timeout(self.timeouts[round_number]):
+                    return await inbox.outcome
+            except TimeoutError:
+                return _Outcome.NEXT
+            finally:
+                loop.remove_reader(sock.fileno())
         finally:
             sock.close()
+            DESCRIPTORS.released()
 
     async def _tcp_resolve(self, qname: dns.name.Name, rdtype: int) -> bytes | None:
         # After a truncated reply dns_transmit asks every server over TCP, from the first, and never returns to UDP.
@@ -446,11 +444,11 @@ class StubResolver:
         loop = asyncio.get_running_loop()
         query_id, wire = _query(qname, rdtype)
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # As over UDP, the 10 s start once the socket exists.
+            sock = await DESCRIPTORS.socket(socket.AF_INET, socket.SOCK_STREAM)
         except OSError:
             return None
         try:
-            sock.setblocking(False)
             async with asyncio.timeout(self.tcp_timeout):
                 await loop.sock_connect(sock, (server, self.port))
                 await loop.sock_sendall(sock, len(wire).to_bytes(2, "big") + wire)
@@ -461,8 +459,74 @@ class StubResolver:
             return None
         finally:
             sock.close()
+            DESCRIPTORS.released()
         if not _relevant(packet, query_id, qname, rdtype) or _wants_tcp(packet) or _server_failed(packet):
             return None
+        return packet
+
+
+class _Inbox:
+    """The datagrams of one UDP exchange, read by the loop's reader callback (no task step each).
+
+    Each wakeup reads at most _DATAGRAMS_PER_WAKEUP; the reader stays registered, so a socket
+    with more queued is read again after the loop's other callbacks: one query's junk cannot
+    starve the others. The first reply that settles the exchange resolves `outcome`.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        query_id: int,
+        qname: dns.name.Name,
+        rdtype: int,
+        *,
+        patient: bool,
+    ) -> None:
+        self.outcome: asyncio.Future[bytes | _Outcome] = loop.create_future()
+        self._loop = loop
+        self._sock = sock
+        self._query_id = query_id
+        self._qname = qname
+        self._rdtype = rdtype
+        self._patient = patient
+        self._errors = 0
+
+    def on_readable(self) -> None:
+        if self.outcome.done():
+            return
+        try:
+            for _ in range(_DATAGRAMS_PER_WAKEUP):
+                try:
+                    packet = self._sock.recv(_UDP_BUFFER)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    packet = b""
+                settled = self._settles(packet)
+                if settled is not None:
+                    self.outcome.set_result(settled)
+                    return
+        except Exception as error:  # the coroutine raises it, as when it read the socket itself
+            self.outcome.set_exception(error)
+
+    def _settles(self, packet: bytes) -> bytes | _Outcome | None:
+        """What this datagram means for the exchange; None: keep waiting."""
+        if not packet:
+            # An error or an empty datagram: dns_transmit moves on, except in the patient round.
+            self._errors += 1
+            if not self._patient:
+                return _Outcome.NEXT
+            if self._errors >= _MAX_ERRORS_PER_ROUND:
+                # Too many to keep reading: wait the round out deaf, as the original's poll would.
+                self._loop.remove_reader(self._sock.fileno())
+            return None
+        if len(packet) >= _UDP_BUFFER or not _relevant(packet, self._query_id, self._qname, self._rdtype):
+            return None
+        if _wants_tcp(packet):
+            return _Outcome.USE_TCP
+        if _server_failed(packet):
+            return None if self._patient else _Outcome.NEXT
         return packet
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from ucspi.server.descriptors import DESCRIPTORS
+
 IDENT_PORT = 113
 
 # remoteinfo.c stops collecting once the value is longer than 256 bytes: at most 257 are kept.
@@ -69,18 +71,19 @@ def _family(ip: str) -> socket.AddressFamily:
 async def remote_info(local_ip: str, local_port: int, remote_ip: str, remote_port: int, timeout: float) -> bytes | None:
     """Ask the client's identd who owns remote_port; None when the exchange fails or times out.
 
-    The one deadline covers connect, send and receive together (spec 6.9). Never raises on
-    network faults and never blocks the event loop.
+    The one deadline covers connect, send and receive together (spec 6.9). It starts once the
+    socket exists: the original's child never waits for a descriptor, ours may (descriptors.py),
+    and that wait must not eat the identd's time. Never raises on network faults and never blocks
+    the event loop.
     """
     if timeout <= 0:
         return None
     loop = asyncio.get_running_loop()
     try:
-        sock = socket.socket(_family(remote_ip), socket.SOCK_STREAM)
+        sock = await DESCRIPTORS.socket(_family(remote_ip), socket.SOCK_STREAM)
     except OSError:
         return None
     try:
-        sock.setblocking(False)
         async with asyncio.timeout(timeout):
             # The query must leave from the address the client reached, or its identd cannot match it.
             sock.bind((local_ip, 0))
@@ -97,3 +100,4 @@ async def remote_info(local_ip: str, local_port: int, remote_ip: str, remote_por
         return None
     finally:
         sock.close()
+        DESCRIPTORS.released()
