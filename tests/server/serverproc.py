@@ -218,8 +218,10 @@ def launch(
     pass_fds: Sequence[int] = (),
     cwd: str | os.PathLike[str] | None = None,
     ignore_signals: Sequence[int] = (),
+    wrapper: Sequence[str | os.PathLike[str]] = (),
 ) -> subprocess.Popen[bytes]:
-    """tcpserver with these arguments and exactly these environment entries (default: PATH only)."""
+    """tcpserver with these arguments and exactly these environment entries (default: PATH only);
+    wrapper: a command line that runs it (its arguments follow), as `env`, `unshare` or `nice`."""
     entries = plain_environment() if environment is None else list(environment)
 
     def ignore() -> None:
@@ -227,7 +229,8 @@ def launch(
             signal.signal(number, signal.SIG_IGN)
 
     preexec = ignore if ignore_signals else None
-    argv = [os.fsencode(command), *(os.fsencode(argument) for argument in arguments)]
+    argv = [*(os.fsencode(part) for part in wrapper), os.fsencode(command)]
+    argv += [os.fsencode(argument) for argument in arguments]
     simple = all(b"=" in entry[1:] for entry in entries)
     names = [entry.split(b"=", 1)[0] for entry in entries]
     if simple and len(set(names)) == len(names):
@@ -266,6 +269,7 @@ def start_server(
     pass_fds: Sequence[int] = (),
     cwd: str | os.PathLike[str] | None = None,
     ignore_signals: Sequence[int] = (),
+    wrapper: Sequence[str | os.PathLike[str]] = (),
 ) -> ServerProcess:
     """`COMMAND -1 OPTIONS HOST 0 PROGRAM`, started and listening, its port read from stdout."""
     process = launch(
@@ -275,6 +279,7 @@ def start_server(
         pass_fds=pass_fds,
         cwd=cwd,
         ignore_signals=ignore_signals,
+        wrapper=wrapper,
     )
     assert process.stdout is not None and process.stderr is not None
     log = _LogLines()

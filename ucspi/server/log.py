@@ -1,8 +1,19 @@
-"""tcpserver's log lines on fd 2, byte for byte as the original writes them (spec 6.10)."""
+"""tcpserver's log: typed events in, lines on fd 2 out (spec 6.10).
+
+The server and its connections emit events (a status change, a client served, denied or
+dropped, a program's end, a warning, a fatal error) with their fields; a formatter turns each
+into bytes. ClassicFormat writes what the original writes, byte for byte; a structured format is
+another formatter on the same seam. No other module formats log text.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ucspi.server.peer import Peer
 
 # Bytes < 33 or > 126, "%" (logger stupidity, says djb) and ":" (the field separator) become "?".
 _PRINTABLE = bytes(b if 33 <= b <= 126 and b not in b"%:" else 0x3F for b in range(256))
@@ -18,62 +29,86 @@ def sanitize(field: bytes) -> bytes:
     return field.translate(_PRINTABLE)
 
 
-class Log:
-    """Verbosity 0 (-q): nothing at all; 1 (-Q): warnings and fatal errors; 2 (-v): status too."""
-
-    def __init__(self, verbosity: int) -> None:
-        self.verbosity = verbosity
-
-    def _write(self, line: bytes) -> None:
-        try:
-            os.write(2, line)
-        except OSError:
-            pass  # a lost log line must never take the server down
-
-    def fatal(self, text: bytes) -> None:
-        if self.verbosity:
-            self._write(b"tcpserver: fatal: " + text + b"\n")
-
-    def warning(self, text: bytes) -> None:
-        if self.verbosity:
-            self._write(b"tcpserver: warning: " + text + b"\n")
-
-    def drop(self, text: bytes) -> None:
-        self.warning(b"dropping connection, " + text)
-
-    @property
-    def verbose(self) -> bool:
-        return self.verbosity >= 2
-
-    def status(self, children: int, limit: int) -> None:
-        if self.verbosity >= 2:
-            self._write(b"tcpserver: status: %d/%d\n" % (children, limit))
-
-    def end(self, pid: int, wait_status: int) -> None:
-        if self.verbosity >= 2:
-            self._write(b"tcpserver: end %d status %d\n" % (pid, wait_status))
-
-    def served(self, pid: int, remote_ip: bytes, verdict_line: bytes) -> None:
-        """The child's `pid P from IP` line and its `ok` line, written together after the spawn."""
-        if self.verbosity >= 2:
-            self._write(b"tcpserver: pid %d from %s\ntcpserver: %s" % (pid, remote_ip, verdict_line))
-
-    def verdict(self, verdict_line: bytes) -> None:
-        if self.verbosity >= 2:
-            self._write(b"tcpserver: " + verdict_line)
+# -- the events ---------------------------------------------------------------------------
+# Verbosity: 0 (-q) nothing; 1 (-Q) warnings and fatal errors; 2 (-v) everything.
 
 
-def verdict_line(
-    verdict: bytes,
-    pid: int,
-    local_host: bytes | None,
-    local_ip: bytes,
-    local_port: int,
-    remote_host: bytes | None,
-    remote_ip: bytes,
-    remote_info: bytes | None,
-    remote_port: int,
-) -> bytes:
+class Event:
+    __slots__ = ()
+    verbosity = 2  # the least verbosity at which the event is written
+
+
+@dataclass(frozen=True, slots=True)
+class Status(Event):
+    children: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Served(Event):
+    """A program was started for a client: the original's child's `pid` and `ok` lines."""
+
+    pid: int
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnFailed(Event):
+    """The `ok` line of a client whose program could not be run (the server's pid stands in)."""
+
+    pid: int
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class Denied(Event):
+    pid: int
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramEnded(Event):
+    pid: int
+    wait_status: int
+
+
+@dataclass(frozen=True, slots=True)
+class Warned(Event):
+    text: bytes
+    verbosity = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped(Event):
+    """A client closed without a program: `dropping connection, REASON`."""
+
+    reason: bytes
+    verbosity = 1
+
+
+@dataclass(frozen=True, slots=True)
+class InternalError(Event):
+    """A fault of ours in one connection: its type name, and where it was raised (file, line)."""
+
+    type_name: bytes
+    place: tuple[bytes, int] | None = None
+    verbosity = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Fatal(Event):
+    text: bytes
+    verbosity = 1
+
+
+# -- formatting ---------------------------------------------------------------------------
+
+
+class Format(Protocol):
+    def format(self, event: Event, verbosity: int) -> bytes: ...
+
+
+def verdict_line(verdict: bytes, pid: int, peer: Peer) -> bytes:
     """`ok|deny PID LOCALHOST:LOCALIP:LOCALPORT REMOTEHOST:REMOTEIP:REMOTEINFO:REMOTEPORT\\n`.
 
     The addresses are ours (dotted quads, or RFC 5952 text whose colons the IPv6 build leaves
@@ -82,11 +117,84 @@ def verdict_line(
     return b"%s %d %s:%s:%d %s:%s:%s:%d\n" % (
         verdict,
         pid,
-        b"" if local_host is None else sanitize(local_host),
-        local_ip,
-        local_port,
-        b"" if remote_host is None else sanitize(remote_host),
-        remote_ip,
-        b"" if remote_info is None else sanitize(remote_info),
-        remote_port,
+        b"" if peer.local_host is None else sanitize(peer.local_host),
+        peer.local_ip,
+        peer.local_port,
+        b"" if peer.remote_host is None else sanitize(peer.remote_host),
+        peer.remote_ip,
+        b"" if peer.remote_info is None else sanitize(peer.remote_info),
+        peer.remote_port,
     )
+
+
+class ClassicFormat:
+    """The original's lines, prefixed `tcpserver: `."""
+
+    def format(self, event: Event, verbosity: int) -> bytes:
+        match event:
+            case Status(children, limit):
+                return b"tcpserver: status: %d/%d\n" % (children, limit)
+            case Served(pid, peer):
+                # The child's `pid P from IP` and `ok` lines, written together after the spawn.
+                ok_line = verdict_line(b"ok", pid, peer)
+                return b"tcpserver: pid %d from %s\ntcpserver: %s" % (pid, peer.remote_ip, ok_line)
+            case SpawnFailed(pid, peer):
+                return b"tcpserver: " + verdict_line(b"ok", pid, peer)
+            case Denied(pid, peer):
+                return b"tcpserver: " + verdict_line(b"deny", pid, peer)
+            case ProgramEnded(pid, wait_status):
+                return b"tcpserver: end %d status %d\n" % (pid, wait_status)
+            case Dropped(reason):
+                return b"tcpserver: warning: dropping connection, " + reason + b"\n"
+            case InternalError(type_name, place):
+                line = b"tcpserver: warning: dropping connection, internal error: " + sanitize(type_name) + b"\n"
+                if place is not None and verbosity >= 2:
+                    line += b"tcpserver: warning: internal error %s at %s line %d\n" % (
+                        sanitize(type_name),
+                        sanitize(place[0]),
+                        place[1],
+                    )
+                return line
+            case Warned(text):
+                return b"tcpserver: warning: " + text + b"\n"
+            case Fatal(text):
+                return b"tcpserver: fatal: " + text + b"\n"
+        raise TypeError(f"no classic line for {type(event).__name__}")
+
+
+class Log:
+    """Verbosity 0 (-q): nothing at all; 1 (-Q): warnings and fatal errors; 2 (-v): status too."""
+
+    def __init__(self, verbosity: int, formatter: Format | None = None) -> None:
+        self.verbosity = verbosity
+        self.formatter: Format = formatter or ClassicFormat()
+
+    @property
+    def verbose(self) -> bool:
+        return self.verbosity >= 2
+
+    def emit(self, event: Event) -> None:
+        if event.verbosity > self.verbosity:
+            return
+        try:
+            line = self.formatter.format(event, self.verbosity)
+        except Exception as error:  # the log must never take a connection or the server down
+            line = b"tcpserver: warning: internal error: " + sanitize(type(error).__name__.encode()) + b"\n"
+        self._write(line)
+
+    def _write(self, line: bytes) -> None:
+        try:
+            os.write(2, line)
+        except OSError:
+            pass  # a lost log line must never take the server down
+
+    # Shorthands for the start-up code.
+    def fatal(self, text: bytes) -> None:
+        self.emit(Fatal(text))
+
+    def warning(self, text: bytes) -> None:
+        self.emit(Warned(text))
+
+    def status(self, children: int, limit: int) -> None:
+        if self.verbosity >= 2:
+            self.emit(Status(children, limit))

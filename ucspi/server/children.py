@@ -1,0 +1,183 @@
+"""The programs: started by posix_spawn (inline or from worker threads), known by pid, reaped.
+
+Starting a program and reaping exclude each other: while any posix_spawn call is in flight, no
+waitpid(-1) runs. glibc's posix_spawn reaps its own child when the exec fails; a waitpid(-1)
+running meanwhile could take that child first, and the pid would later name someone else. So
+every pid the reaper sees was registered, under the same lock, by the spawn that made it.
+A reap that finds a spawn in flight is taken over by the last spawn to finish, and spawns that
+would start meanwhile wait for it: the loop never waits for a spawn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from ucspi.server.spawn import Spawner
+
+if TYPE_CHECKING:
+    from ucspi.server.connection import Connection
+
+# Two spawning threads keep both cores busy with starting programs on this 2-core class of machine.
+SPAWN_THREADS = 2
+# Connections waiting for a spawning thread hold a descriptor each: keep them few, as the
+# original, whose parent hands each one to its child at once, holds one at a time.
+MAX_WAITING_SPAWNS = 16
+_REAP_RETRY_SECONDS = 0.1
+
+
+class Children:
+    """pid -> connection for every running program, the spawns in flight and the reaper."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        spawner: Spawner,
+        on_fatal: Callable[[bytes], None],
+        on_change: Callable[[], None],
+        on_error: Callable[[BaseException], None],
+        threads: int = SPAWN_THREADS,
+    ) -> None:
+        self._loop = loop
+        self._spawner = spawner
+        self._on_fatal = on_fatal
+        self._on_error = on_error  # a fault no connection owns: said, and the server goes on
+        self._on_change = on_change  # a spawn thread became free: accepting may resume
+        self._running: dict[int, Connection] = {}
+        self._table = threading.Condition(threading.Lock())
+        self._spawning = 0  # posix_spawn calls in flight, inline or in threads
+        self._reap_wanted = False
+        self._reap_scheduled = False
+        self.waiting = 0  # connections handed to the threads and not answered yet
+        self.alone = False  # set by the loop: the last wakeup found one client only
+        self._jobs: queue.SimpleQueue[tuple[Connection, Sequence[bytes]]] = queue.SimpleQueue()
+        self._threads = threads
+        self._workers: list[threading.Thread] = []
+        for _ in range(threads):
+            self._start_worker()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def can_take_more(self) -> bool:
+        return self.waiting < MAX_WAITING_SPAWNS
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def start(self, connection: Connection, environment: Sequence[bytes]) -> None:
+        """Spawn the connection's program; the outcome comes back through connection.spawn_answered."""
+        if self.alone and not self.waiting:
+            # A client that came alone: a thread would only add two wakeups to its latency.
+            pid, failure = self._spawn(connection, environment, wait=False)
+            connection.spawn_answered(pid, failure)
+            return
+        self.waiting += 1
+        self._jobs.put((connection, environment))
+
+    def _spawn(
+        self, connection: Connection, environment: Sequence[bytes], wait: bool
+    ) -> tuple[int, BaseException | None]:
+        with self._table:
+            # A reap is waiting for the spawns in flight to end: let it go first (threads only;
+            # inline spawns run on the loop, which does the reaping, when no thread spawns).
+            while wait and self._reap_wanted:
+                self._table.wait()
+            self._spawning += 1
+        pid, failure = 0, None
+        try:
+            pid = self._spawner.spawn(connection.fd, environment)
+        except BaseException as error:
+            failure = error
+        finally:
+            with self._table:
+                if pid:
+                    connection.pid = pid  # known before any reap can hand it its end
+                    self._running[pid] = connection
+                self._spawning -= 1
+                take_over_reap = self._reap_wanted and not self._spawning
+        if take_over_reap:
+            self._schedule_reap()
+        return pid, failure
+
+    def _start_worker(self) -> None:
+        try:
+            worker = threading.Thread(target=self._work, name="spawn", daemon=True)
+            worker.start()
+        except Exception as error:  # a server that cannot spawn cannot serve
+            self._on_fatal(b"unable to start a spawning thread: " + type(error).__name__.encode())
+            return
+        self._workers.append(worker)
+
+    def _work(self) -> None:
+        # SIGCHLD goes to the loop's thread; the child's own mask is set by the spawn attributes.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            while True:
+                connection, environment = self._jobs.get()
+                pid, failure = self._spawn(connection, environment, wait=True)
+                self._loop.call_soon_threadsafe(self._answer, connection, pid, failure)
+        except BaseException:
+            # Never a server alive but deaf: the loop replaces this thread, or exits.
+            self._loop.call_soon_threadsafe(self._replace_worker, threading.current_thread())
+            raise
+
+    def _replace_worker(self, dead: threading.Thread) -> None:
+        if dead in self._workers:
+            self._workers.remove(dead)
+        self._start_worker()
+
+    def _answer(self, connection: Connection, pid: int, failure: BaseException | None) -> None:
+        self.waiting -= 1
+        try:
+            connection.spawn_answered(pid, failure)
+        finally:
+            self._on_change()
+
+    # -- reaping ----------------------------------------------------------------------------
+
+    def on_sigchld(self, _signal: int, _frame: object) -> None:
+        self._schedule_reap()
+
+    def _schedule_reap(self) -> None:
+        if not self._reap_scheduled:
+            self._reap_scheduled = True
+            self._loop.call_soon_threadsafe(self.reap)
+
+    def reap(self) -> None:
+        """Every program that has ended, each handed to its connection (on the loop)."""
+        self._reap_scheduled = False  # a SIGCHLD from now on schedules another round
+        ended: list[tuple[Connection | None, int, int]] = []
+        with self._table:
+            if self._spawning:
+                self._reap_wanted = True  # the last spawn in flight schedules this round again
+                return
+            self._reap_wanted = False
+            self._table.notify_all()
+            while True:
+                try:
+                    pid, wait_status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                except Exception as error:
+                    # Programs that ended still hold their slots: try again shortly, never give up.
+                    self._loop.call_later(_REAP_RETRY_SECONDS, self._schedule_reap)
+                    self._on_error(error)
+                    break
+                if not pid:
+                    break
+                ended.append((self._running.pop(pid, None), pid, wait_status))
+        for connection, _pid, wait_status in ended:
+            if connection is None:
+                continue
+            try:
+                connection.program_ended(wait_status)
+            except Exception as error:
+                connection.pid = 0  # reaped: no program holds the slot any more
+                connection.internal_error(error)

@@ -1,0 +1,261 @@
+"""One client from accept to end: its descriptor, addresses, facts, decision, program and slot.
+
+Connection.run is the whole path of a client, top to bottom, in the original's order. What can
+end a connection (a deny, a drop, a failed spawn, an internal error, the program's end) ends it
+through Connection.finish, which closes the descriptor and gives the slot back, each once.
+
+The path is a coroutine started eagerly (start_eagerly): with no banner left to send and no
+lookups, it runs to its end on the accepting call's stack, without a task or a loop round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import traceback
+import types
+from collections.abc import Coroutine, Generator
+from typing import TYPE_CHECKING, Any
+
+from ucspi.errors import error_text
+from ucspi.rules.lookup import NO_RULE, Decision
+from ucspi.server.descriptors import DESCRIPTORS
+from ucspi.server.log import Denied, Dropped, InternalError, ProgramEnded, Served, SpawnFailed
+from ucspi.server.peer import Peer
+from ucspi.server.spawn import tcp_variables
+
+if TYPE_CHECKING:
+    from ucspi.server.loop import Server, Slot
+
+_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+
+
+class Drop(Exception):
+    """An expected end of a connection without a program: `dropping connection, TEXT`."""
+
+    def __init__(self, text: bytes) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+class Connection:
+    __slots__ = ("_early_end", "_fd_open", "_spawn_pending", "fd", "peer", "pid", "remote", "server", "slot")
+
+    def __init__(self, server: Server, fd: int, remote: tuple, slot: Slot) -> None:
+        self.server = server
+        self.fd = fd
+        self.remote = remote
+        self.slot = slot
+        self.peer: Peer | None = None
+        self.pid = 0  # the program's, once spawned
+        self._fd_open = True
+        self._spawn_pending = False  # handed to a spawning thread, its answer not back yet
+        self._early_end: int | None = None  # the program was reaped before its spawn was reported
+
+    # -- the path ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """accept (done by the server) -> PROXY header -> banner -> local address -> lookups ->
+        rules -> limits -> program."""
+        server = self.server
+        options = server.options
+        try:
+            # PROXY header: none yet (issue 12). Read here, before anything is sent, from listed peers only.
+            if options.no_delay or options.banner:
+                await self._banner()
+            local = self._local_address()
+            if server.facts.needs_lookups:
+                self.peer = peer = await server.facts.gather(local, self.remote)
+            else:
+                self.peer = peer = server.facts.known(local, self.remote)
+            decision = self._rules(peer)
+            if decision.deny:
+                # No child for a denied client (differences item 1): the server's pid in the line.
+                server.log.emit(Denied(server.pid, peer))
+                self.finish()
+                return
+            # Limits: none yet (issue 11). Per address and per network, decided here, before spawning.
+            self._program(peer, decision)
+        except Drop as drop:
+            server.log.emit(Dropped(drop.text))
+            self.finish()
+        except Exception as error:
+            self.internal_error(error)
+
+    async def _banner(self) -> None:
+        options = self.server.options
+        banner = options.banner
+        sent = len(banner)
+        with _socket_of(self.fd) as sock:
+            try:
+                if options.no_delay:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if banner:
+                    sent = sock.send(banner, _SEND_FLAGS)
+                if sent < len(banner):
+                    # The rest when the client reads: this client waits, nobody else does.
+                    sock.setblocking(False)
+                    try:
+                        await self.server.loop.sock_sendall(sock, banner[sent:])
+                    finally:
+                        sock.setblocking(True)  # the program gets a blocking socket, as from the original
+            except OSError as error:
+                raise Drop(b"unable to print banner: " + error_text(error).encode()) from None
+
+    def _local_address(self) -> tuple:
+        local = self.server.fixed_local
+        if local is not None:
+            return local
+        try:
+            with _socket_of(self.fd) as sock:
+                return sock.getsockname()
+        except OSError as error:
+            raise Drop(b"unable to get local address: " + error_text(error).encode()) from None
+
+    def _rules(self, peer: Peer) -> Decision:
+        server = self.server
+        rules = server.rules
+        if rules is None:
+            return NO_RULE
+        try:
+            return rules.decide(peer.rules_ip, peer.remote_host, peer.remote_info)
+        except OSError as error:
+            if isinstance(error, FileNotFoundError) and server.options.allow_missing_rules:
+                return NO_RULE
+            assert server.options.rules_path is not None
+            raise Drop(b"unable to read " + server.options.rules_path + b": " + error_text(error).encode()) from None
+
+    def _program(self, peer: Peer, decision: Decision) -> None:
+        server = self.server
+        changes = tcp_variables(peer)
+        if decision.data:
+            changes.extend(decision.environment)
+        environment = server.environment.build(changes)
+        self._spawn_pending = True
+        try:
+            server.children.start(self, environment)  # answers through spawn_answered(), never by raising
+        except BaseException:
+            self._spawn_pending = False
+            raise
+
+    # -- after the spawn --------------------------------------------------------------------
+
+    def spawn_answered(self, pid: int, failure: BaseException | None) -> None:
+        """The spawn is over (on the loop): whatever goes wrong from here, the slot is accounted for."""
+        self._spawn_pending = False
+        try:
+            self.spawned(pid, failure)
+        except Exception as error:
+            self.internal_error(error)
+        if self._early_end is not None:
+            self.program_ended(self._early_end)
+
+    def spawned(self, pid: int, failure: BaseException | None) -> None:
+        """The program runs as pid, or failure kept it from running."""
+        server = self.server
+        if failure is not None:
+            if not isinstance(failure, OSError):
+                raise failure
+            # The original's child logged `ok` before its exec failed; no child here, so the
+            # server's own pid stands in the line (differences item 1).
+            assert self.peer is not None
+            server.log.emit(SpawnFailed(server.pid, self.peer))
+            server.log.emit(
+                Dropped(b"unable to run " + server.spawner.program[0] + b": " + error_text(failure).encode())
+            )
+            self.finish()
+            return
+        self.pid = pid
+        assert self.peer is not None
+        server.log.emit(Served(pid, self.peer))
+        self._close_descriptor()  # the program has its own copies on 0 and 1
+
+    def program_ended(self, wait_status: int) -> None:
+        """The program was reaped: the end line, then the slot is free."""
+        if self._spawn_pending:
+            self._early_end = wait_status  # its pid and ok lines come first
+            return
+        try:
+            self.server.log.emit(ProgramEnded(self.pid, wait_status))
+        finally:
+            self.pid = 0
+            self.finish()
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def internal_error(self, error: BaseException) -> None:
+        """A fault of ours in this connection: this client is dropped, nobody else is touched."""
+        try:
+            where = traceback.extract_tb(error.__traceback__)[-1:] if error.__traceback__ else []
+            place = (os.fsencode(where[0].filename), where[0].lineno or 0) if where else None
+            self.server.log.emit(InternalError(type(error).__name__.encode(), place))
+        finally:
+            if self.pid and not self._spawn_pending:
+                # A program runs: the client is its now, and its slot is held until it is reaped.
+                self._close_descriptor()
+            elif not self._spawn_pending:
+                self.finish()
+
+    def _close_descriptor(self) -> None:
+        if self._fd_open:
+            self._fd_open = False
+            try:
+                os.close(self.fd)
+            finally:
+                DESCRIPTORS.released()
+
+    def finish(self) -> None:
+        """Close the descriptor and give the slot back; a second call changes nothing."""
+        try:
+            self._close_descriptor()
+        finally:
+            self.slot.give_back()
+
+
+class _socket_of:
+    """A socket object over a connection's descriptor for one use; the descriptor stays ours."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, fd: int) -> None:
+        self.sock = socket.socket(fileno=fd)
+
+    def __enter__(self) -> socket.socket:
+        return self.sock
+
+    def __exit__(self, *_exc: object) -> None:
+        self.sock.detach()
+
+
+def start_eagerly(coroutine: Coroutine[Any, Any, None], loop: asyncio.AbstractEventLoop, tasks: set) -> None:
+    """Run coroutine on the caller's stack until it first has to wait; only then make it a task."""
+    try:
+        waiting_on = coroutine.send(None)
+    except StopIteration:
+        return
+    task = loop.create_task(_resumed(coroutine, waiting_on))
+    tasks.add(task)  # a task nobody holds may be collected mid-flight
+    task.add_done_callback(tasks.discard)
+
+
+async def _resumed(coroutine: Coroutine[Any, Any, None], waiting_on: object) -> None:
+    await _relay(coroutine, waiting_on)
+
+
+@types.coroutine
+def _relay(coroutine: Coroutine[Any, Any, None], waiting_on: object) -> Generator[Any, Any, None]:
+    """What `await coroutine` would do for a coroutine already started: pass its waits to the task."""
+    while True:
+        try:
+            value = yield waiting_on
+        except BaseException as thrown:  # cancellation: the coroutine decides what it means
+            try:
+                waiting_on = coroutine.throw(thrown)
+            except StopIteration:
+                return
+        else:
+            try:
+                waiting_on = coroutine.send(value)
+            except StopIteration:
+                return
