@@ -23,12 +23,16 @@ test: $(STAMP) lint
 demo: $(STAMP)
 	$(VPY) examples/demo.py
 
+# BENCH_ARGS: see bench/run.py --help (--baseline=COMMIT adds that commit's server to the rounds).
 bench: $(STAMP)
-	$(VPY) bench/run.py
+	$(VPY) bench/run.py $(BENCH_ARGS)
 
 # 10,000 connections from 200 clients against -c 100 -b 256; checks and prints its figures (~15 s).
+# Then the isolation cases at full size: tcprules past 4 GiB and sharing TMP, the rules file
+# replaced by devices and FIFOs, lookups short of descriptors, 1,000 TERMs during the start.
 stress: $(STAMP)
 	$(VPY) bench/stress.py
+	for script in bench/stress_*.py; do $(VPY) $$script || exit 1; done
 
 # tcprules against the C original on 100,000 generated files, then 1,000,000 through our own
 # compiler alone; prints the figures, exits 1 on any difference. FUZZ_ARGS: see --help.

@@ -7,6 +7,7 @@ import os
 import socket
 
 from ucspi.errors import EXIT_TEMPORARY, Fatal, error_text
+from ucspi.numbers import scan_ulong
 
 _DOTTED_CHARACTERS = frozenset("0123456789.[]")
 
@@ -22,7 +23,7 @@ def _fatal(text: str, error: BaseException | int | None = None) -> Fatal:
 def resolve_port(port: str) -> int:
     """Digits are a number cut to 16 bits (the empty string is 0); else a service from /etc/services."""
     if port == "" or (port.isascii() and port.isdigit()):
-        return int(port or "0") % 65536
+        return scan_ulong(port) % 65536  # any length, as djb's scan_ulong
     try:
         return socket.getservbyname(port, "tcp")
     except (OSError, UnicodeError):

@@ -72,7 +72,7 @@ OPTION_TABLE: tuple[Option, ...] = (
     Option("r", None, "ask the client's identd for TCPREMOTEINFO (default)"),
     Option("R", None, "no ident lookup"),
     Option("t", "timeout", "give up on the ident lookup after TIMEOUT seconds (default 26)"),
-    Option("4", None, "IPv4 only: host 0 listens on 0.0.0.0 instead of IPv4 and IPv6"),
+    Option("4", None, "IPv4 only: a host name is looked up for its IPv4 address alone (host 0 is 0.0.0.0 anyway)"),
     Option("6", None, "present IPv4 clients on an IPv6 socket as IPv6 (::ffff:a.b.c.d, PROTO=TCP6)"),
     Option("I", "interface", "the interface (scope) of a link-local address to listen on"),
 )
