@@ -116,17 +116,19 @@ class Children:
         self._workers.append(worker)
 
     def _work(self) -> None:
-        # SIGCHLD goes to the loop's thread; the child's own mask is set by the spawn attributes.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         try:
-            while True:
-                connection, environment = self._jobs.get()
-                pid, failure = self._spawn(connection, environment, wait=True)
-                self._loop.call_soon_threadsafe(self._answer, connection, pid, failure)
-        except BaseException:
+            self._serve_jobs()
+        finally:
             # Never a server alive but deaf: the loop replaces this thread, or exits.
             self._loop.call_soon_threadsafe(self._replace_worker, threading.current_thread())
-            raise
+
+    def _serve_jobs(self) -> None:
+        # SIGCHLD goes to the loop's thread; the child's own mask is set by the spawn attributes.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        while True:
+            connection, environment = self._jobs.get()
+            pid, failure = self._spawn(connection, environment, wait=True)
+            self._loop.call_soon_threadsafe(self._answer, connection, pid, failure)
 
     def _replace_worker(self, dead: threading.Thread) -> None:
         if dead in self._workers:

@@ -14,6 +14,7 @@ import errno
 import os
 import signal
 import socket
+import threading
 
 # Imported before -u/-g take effect: the installed package may not be readable afterwards.
 import uvloop
@@ -85,6 +86,7 @@ class Server:
         loop = self.loop
         asyncio.set_event_loop(loop)
         loop.set_exception_handler(self._on_loop_exception)
+        threading.excepthook = lambda hook: self.internal_error(hook.exc_value)  # no traceback in the log
         self.children = Children(loop, self.spawner, self.die, self._resume, self.internal_error)
         # Reaping: uvloop refuses add_signal_handler(SIGCHLD), but a plain handler works; it
         # only schedules a waitpid(WNOHANG) round on the loop, so no descriptor per child.
