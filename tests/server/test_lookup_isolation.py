@@ -11,8 +11,12 @@ bench/stress_lookups.py.
 
 from __future__ import annotations
 
+import ast
 import collections
+import os
 import resource
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -23,6 +27,7 @@ from fakes import FakeDNS, FakeIdentd, fresh_loopback
 from serverproc import (
     ORIGINAL_SERVER,
     OUR_SERVER,
+    TOP,
     Implementation,
     ServerProcess,
     original_available,
@@ -146,6 +151,157 @@ def test_row6_dns_names_every_client_when_descriptors_run_short(implementation: 
         assert _tally(results) == {repr(b"client.example.com\n"): CLIENTS}
         _check_server_whole(implementation, server)
     assert not dns.errors
+
+
+# ---------------------------------------------------------------- one lookup, its process out of descriptors
+
+# The lookup runs in a child whose descriptor table is full; one descriptor is closed after
+# free_after seconds (never if 0), with no release() call (the gate's retry must find it). Its
+# timeout (ident's -t, each DNS round) is `patience`; the gate gives up after `stuck` seconds
+# without progress (0: its default). The child prints (result, seconds taken,
+# starved while waiting, on_relieved called, starved at the end).
+_LOOKUP_WITHOUT_DESCRIPTORS = r"""
+import asyncio, os, resource, sys
+import uvloop
+from ucspi.server.dns import StubResolver
+from ucspi.server.ident import remote_info
+try:
+    from ucspi.server.descriptors import DESCRIPTORS
+except ImportError:  # the code before the gate: the lookup alone is observed
+    DESCRIPTORS = None
+ip, kind, free_after, patience, stuck = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:6])
+
+async def main():
+    loop = asyncio.get_running_loop()
+    relieved = []
+    if DESCRIPTORS is not None:
+        DESCRIPTORS.on_relieved = lambda: relieved.append(loop.time())
+        DESCRIPTORS.stuck_seconds = stuck or DESCRIPTORS.stuck_seconds
+    if kind == "ident":
+        lookup = remote_info(ip, 1, ip, 2, patience)
+    else:
+        lookup = StubResolver([ip], timeouts=(0.05, patience, patience, patience)).name_of("10.1.2.3")
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    held = []
+    while True:
+        try:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            break
+    starved = []
+    loop.call_later(0.1, lambda: starved.append(DESCRIPTORS is not None and DESCRIPTORS.starved))
+    if free_after:
+        loop.call_later(free_after, os.close, held.pop())
+    started = loop.time()
+    result = await lookup
+    await asyncio.sleep(0.01)
+    end_starved = DESCRIPTORS is not None and DESCRIPTORS.starved
+    print(repr((result, loop.time() - started, starved, bool(relieved), end_starved)))
+
+uvloop.run(main())
+"""
+
+
+def _lookup_without_descriptors(
+    ip: str, kind: str, free_after: float = 0.3, patience: float = 0.15, stuck: float = 5
+) -> tuple:
+    environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": os.fspath(TOP)}
+    result = subprocess.run(
+        [sys.executable, "-c", _LOOKUP_WITHOUT_DESCRIPTORS, ip, kind, str(free_after), str(patience), str(stuck)],
+        capture_output=True,
+        env=environment,
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return ast.literal_eval(result.stdout.decode())
+
+
+def test_ident_waits_for_a_descriptor_and_its_deadline_starts_with_the_socket() -> None:
+    """No descriptor for 0.3 s, a -t of 0.15 s: the lookup waits, then gets its full 0.15 s."""
+    ip = fresh_loopback()
+    with FakeIdentd(ip, reply=IDENT_REPLY, delay=0.1):
+        info, seconds, starved, relieved, starved_at_end = _lookup_without_descriptors(ip, "ident")
+    assert info == b"slowuser"
+    assert 0.3 <= seconds < 1.5
+    assert starved == [True] and relieved and not starved_at_end
+
+
+def test_dns_waits_for_a_descriptor_and_its_round_starts_with_the_socket() -> None:
+    """No descriptor for 0.3 s, rounds of 0.15 s: the lookup waits, then its first round gets the answer."""
+    ip = fresh_loopback()
+    with FakeDNS(ip, ptr={"10.1.2.3": "waited.example."}, delay=0.1) as dns:
+        name, seconds, starved, relieved, starved_at_end = _lookup_without_descriptors(ip, "dns")
+    assert name == b"waited.example"
+    assert 0.3 <= seconds < 1.5
+    assert starved == [True] and relieved and not starved_at_end
+    assert len(dns.requests) == 1  # the wait cost no round
+
+
+@pytest.mark.parametrize("kind", ["ident", "dns"])
+def test_a_lookup_that_no_descriptor_can_reach_fails_instead_of_hanging(kind: str) -> None:
+    """Nothing is ever freed and none of the gate's sockets is open: after STUCK_SECONDS (0.25 s)
+    the lookup fails as it did before the gate, and the gate is no longer starved."""
+    ip = fresh_loopback()
+    with FakeIdentd(ip, reply=IDENT_REPLY), FakeDNS(ip, ptr={"10.1.2.3": "never.example."}):
+        outcome = _lookup_without_descriptors(ip, kind, free_after=0, stuck=0)
+    result, seconds, starved, relieved, starved_at_end = outcome
+    assert result is None
+    assert 0.25 <= seconds < 1.5
+    assert starved == [True] and relieved and not starved_at_end
+
+
+# Five sockets asked for with the table full, three descriptors freed and one release() called:
+# the first three in line get theirs (each lets the next try), the other two are cancelled.
+_GATE_IN_ORDER = r"""
+import asyncio, os, resource, socket
+import uvloop
+from ucspi.server.descriptors import DESCRIPTORS
+
+async def main():
+    loop = asyncio.get_running_loop()
+    relieved = []
+    DESCRIPTORS.on_relieved = lambda: relieved.append(loop.time())
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    held = []
+    while True:
+        try:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            break
+    waiters = [asyncio.create_task(DESCRIPTORS.socket(socket.AF_INET, socket.SOCK_DGRAM)) for _ in range(5)]
+    await asyncio.sleep(0.1)
+    starved_before = DESCRIPTORS.starved
+    for _ in range(3):
+        os.close(held.pop())
+    DESCRIPTORS.released()
+    await asyncio.sleep(0.01)  # less than the retry interval: the release alone passes them on
+    served = [index for index, waiter in enumerate(waiters) if waiter.done()]
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    await asyncio.sleep(0)
+    print(repr((starved_before, served, DESCRIPTORS.starved, len(relieved))))
+
+uvloop.run(main())
+"""
+
+
+def test_gate_serves_waiters_in_order_and_cancelled_ones_leave() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _GATE_IN_ORDER],
+        capture_output=True,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": os.fspath(TOP)},
+        timeout=20,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert ast.literal_eval(result.stdout.decode()) == (True, [0, 1, 2], False, 1)
+
+
+# ---------------------------------------------------------------- DNS junk
 
 
 def test_row10_dns_answers_survive_junk(implementation: Implementation) -> None:

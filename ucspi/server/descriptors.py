@@ -8,10 +8,13 @@ interval, and each waiter that gets its socket lets the next one try at once. Wh
 `starved` is true and the accept loop takes no new client (it is told through `on_relieved` when
 the wait is over).
 
-One descriptor is kept in reserve (a /dev/null opened once there is room): when every descriptor is
-held by connections whose lookups have not started, nothing would ever be released, so the head
-waiter takes the reserve's place. The reserve is opened again on the next release with nobody
-waiting.
+Two things keep a full table from becoming a hang:
+- One descriptor is kept in reserve (/dev/null), opened only while another is still free. When
+  every descriptor is held by connections whose lookups have not started, nothing would ever be
+  released: the head waiter takes the reserve's place, and the chain of releases starts.
+- If nothing can come back (no lookup socket of ours is open, no release for STUCK_SECONDS), the
+  waiters fail with their error, as every lookup failed before the gate: a lookup without its
+  answer is better than a connection, and an accept loop, held for good.
 """
 
 from __future__ import annotations
@@ -27,18 +30,24 @@ from collections.abc import Callable
 _SHORTAGE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # How long the head waiter sleeps when no release wakes it (a descriptor closed outside our sight).
 RETRY_SECONDS = 0.025
+# Waiting with none of our sockets open and no release meanwhile: nothing will come back.
+STUCK_SECONDS = 0.25
 
 
 class DescriptorGate:
-    """Sockets for lookups that never fail for lack of a descriptor: they wait their turn."""
+    """Sockets for lookups that never fail for lack of a descriptor while one can come back."""
 
-    def __init__(self, retry_seconds: float = RETRY_SECONDS) -> None:
+    def __init__(self, retry_seconds: float = RETRY_SECONDS, stuck_seconds: float = STUCK_SECONDS) -> None:
         self.retry_seconds = retry_seconds
+        self.stuck_seconds = stuck_seconds
         self.on_relieved: Callable[[], None] | None = None
         # One future per waiter, oldest first; the head's is resolved to let it try again.
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._retry: asyncio.TimerHandle | None = None
         self._reserve: int | None = None
+        self._open_sockets = 0  # handed out by socket(), not yet given to close()
+        self._last_progress = 0.0  # loop time of the last release or socket handed out
+        self._last_shortage: OSError | None = None
 
     @property
     def starved(self) -> bool:
@@ -46,23 +55,25 @@ class DescriptorGate:
         return bool(self._waiters)
 
     async def socket(self, family: int, kind: int) -> socket.socket:
-        """A new non-blocking socket; waits (never fails) while descriptors are short.
+        """A new non-blocking socket; waits while descriptors are short (see the module's notes).
 
         Other errors (an unsupported family, say) are raised as socket.socket raises them.
         """
+        loop = asyncio.get_running_loop()
         if not self._waiters:
-            sock = self._try_socket(family, kind)
+            sock = self._try_socket(family, kind, loop)
             if sock is not None:
                 return sock
-        loop = asyncio.get_running_loop()
         turn: asyncio.Future[None] = loop.create_future()
+        if not self._waiters:
+            self._last_progress = max(self._last_progress, loop.time())  # the wait starts now
         self._waiters.append(turn)
         try:
             while True:
                 if turn is self._waiters[0]:
                     self._arm_retry(loop)
                 await turn
-                sock = self._try_socket(family, kind)
+                sock = self._try_socket(family, kind, loop)
                 if sock is not None:
                     return sock
                 # Still short: keep the head of the line and wait for the next release or retry.
@@ -71,8 +82,18 @@ class DescriptorGate:
         finally:
             self._leave(turn, loop)
 
+    def close(self, sock: socket.socket) -> None:
+        """Close a socket this gate gave out, and let a waiter have its descriptor."""
+        sock.close()
+        self._open_sockets -= 1
+        self.released()
+
     def released(self) -> None:
         """A descriptor was closed: the head waiter tries again; with nobody waiting, refill the reserve."""
+        try:
+            self._last_progress = asyncio.get_running_loop().time()
+        except RuntimeError:
+            pass  # closed outside the loop (at exit): nobody can be waiting
         if self._waiters:
             self._wake_head()
         elif self._reserve is None:
@@ -80,44 +101,63 @@ class DescriptorGate:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _try_socket(self, family: int, kind: int) -> socket.socket | None:
+    def _try_socket(self, family: int, kind: int, loop: asyncio.AbstractEventLoop) -> socket.socket | None:
         for _ in range(2):
             try:
                 sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
             except OSError as error:
                 if error.errno not in _SHORTAGE_ERRORS:
                     raise
+                self._last_shortage = error
                 if self._reserve is None:
                     return None
                 # The reserve's descriptor becomes this socket's (the lowest free number).
                 os.close(self._reserve)
                 self._reserve = None
                 continue
+            self._open_sockets += 1
+            self._last_progress = loop.time()
             if self._reserve is None and not self._waiters:
                 self._open_reserve()
             return sock
         return None
 
     def _open_reserve(self) -> None:
+        """Hold one descriptor back, but never the last free one: the accept loop needs it too."""
         try:
-            self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
-            self._reserve = None
+            return
+        try:
+            os.close(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            os.close(reserve)
+            return
+        self._reserve = reserve
 
     def _arm_retry(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._retry is None:
-            self._retry = loop.call_later(self.retry_seconds, self._on_retry)
+            self._retry = loop.call_later(self.retry_seconds, self._on_retry, loop)
 
-    def _on_retry(self) -> None:
+    def _on_retry(self, loop: asyncio.AbstractEventLoop) -> None:
         self._retry = None
-        self._wake_head()
+        if not self._open_sockets and loop.time() - self._last_progress >= self.stuck_seconds:
+            self._fail_waiters()
+        else:
+            self._wake_head()
+
+    def _fail_waiters(self) -> None:
+        shortage = self._last_shortage or OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        for turn in self._waiters:
+            if not turn.done():
+                turn.set_exception(OSError(shortage.errno, shortage.strerror))
 
     def _wake_head(self) -> None:
         if self._waiters and not self._waiters[0].done():
             self._waiters[0].set_result(None)
 
     def _leave(self, turn: asyncio.Future[None], loop: asyncio.AbstractEventLoop) -> None:
-        """A waiter leaves the line (with its socket, or cancelled): the next one tries at once."""
+        """A waiter leaves the line (with its socket, failed or cancelled): the next one tries at once."""
         was_head = bool(self._waiters) and self._waiters[0] is turn
         try:
             self._waiters.remove(turn)

@@ -400,10 +400,9 @@ class StubResolver:
     ) -> bytes | _Outcome:
         loop = asyncio.get_running_loop()
         query_id, wire = _query(qname, rdtype)
-        try:
-            sock = await DESCRIPTORS.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        except OSError:
-            return _Outcome.NEXT
+        # No socket fails the whole lookup, as in dns_transmit; the gate only gives up when no
+        # descriptor can come back.
+        sock = await DESCRIPTORS.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _UDP_RECEIVE_BUFFER)
@@ -429,8 +428,7 @@ class StubResolver:
             finally:
                 loop.remove_reader(sock.fileno())
         finally:
-            sock.close()
-            DESCRIPTORS.released()
+            DESCRIPTORS.close(sock)
 
     async def _tcp_resolve(self, qname: dns.name.Name, rdtype: int) -> bytes | None:
         # After a truncated reply dns_transmit asks every server over TCP, from the first, and never returns to UDP.
@@ -443,11 +441,8 @@ class StubResolver:
     async def _tcp_exchange(self, server: str, qname: dns.name.Name, rdtype: int) -> bytes | None:
         loop = asyncio.get_running_loop()
         query_id, wire = _query(qname, rdtype)
-        try:
-            # As over UDP, the 10 s start once the socket exists.
-            sock = await DESCRIPTORS.socket(socket.AF_INET, socket.SOCK_STREAM)
-        except OSError:
-            return None
+        # As over UDP: no socket fails the lookup, and the 10 s start once the socket exists.
+        sock = await DESCRIPTORS.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             async with asyncio.timeout(self.tcp_timeout):
                 await loop.sock_connect(sock, (server, self.port))
@@ -458,8 +453,7 @@ class StubResolver:
         except (OSError, TimeoutError, EOFError):
             return None
         finally:
-            sock.close()
-            DESCRIPTORS.released()
+            DESCRIPTORS.close(sock)
         if not _relevant(packet, query_id, qname, rdtype) or _wants_tcp(packet) or _server_failed(packet):
             return None
         return packet

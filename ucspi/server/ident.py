@@ -99,5 +99,4 @@ async def remote_info(local_ip: str, local_port: int, remote_ip: str, remote_por
     except (OSError, TimeoutError):
         return None
     finally:
-        sock.close()
-        DESCRIPTORS.released()
+        DESCRIPTORS.close(sock)
