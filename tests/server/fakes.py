@@ -170,6 +170,7 @@ class DNSRequest:
     rdtype: str  # "PTR", "A", ...
     query_id: int
     at: float  # time.monotonic() on arrival
+    client: tuple = ()  # where the query came from (UDP)
 
 
 DNSMode = Literal["answer", "nxdomain", "servfail", "silent", "nonsense", "wrong-id", "truncate"]
@@ -272,7 +273,7 @@ class FakeDNS(_Fake):
                         query, client = self._udp.recvfrom(65535)
                     except OSError:
                         break
-                    reply = self._reply(query, "udp")
+                    reply = self._reply(query, "udp", client)
                     if reply is not None:
                         heapq.heappush(self._due, (time.monotonic() + self.delay, next(self._arrivals), reply, client))
             else:
@@ -341,7 +342,7 @@ class FakeDNS(_Fake):
                 except OSError:
                     pass
 
-    def _reply(self, wire: bytes, transport: Literal["udp", "tcp"]) -> bytes | None:
+    def _reply(self, wire: bytes, transport: Literal["udp", "tcp"], client: tuple = ()) -> bytes | None:
         try:
             query = dns.message.from_wire(wire)
             question = query.question[0]
@@ -349,7 +350,12 @@ class FakeDNS(_Fake):
             return None
         self.requests.append(
             DNSRequest(
-                transport, question.name.to_text(), dns.rdatatype.to_text(question.rdtype), query.id, time.monotonic()
+                transport,
+                question.name.to_text(),
+                dns.rdatatype.to_text(question.rdtype),
+                query.id,
+                time.monotonic(),
+                client,
             )
         )
         mode = self.mode

@@ -6,12 +6,15 @@ Spec 6.8 and 9 item 11, 16; the retry schedule is djbdns dns_transmit.c's, shrun
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import dns.message
 import dns.name
+import dns.rrset
 import pytest
 import uvloop
 from fakes import FakeDNS, fresh_loopback
@@ -272,6 +275,30 @@ def test_foreign_replies_are_ignored(loopback_ip: str, mode: str) -> None:
         assert run(resolver(loopback_ip).name_of("10.1.2.3")) is None
     assert time.monotonic() - started > 0.85
     assert len(server.requests) == 3
+
+
+def test_a_forged_answer_from_another_address_is_ignored(loopback_ip: str) -> None:
+    """Right id, right question, another source: the connected socket never delivers it."""
+    forger_ip = fresh_loopback()
+
+    async def lookup_while_forging(server: FakeDNS) -> bytes | None:
+        lookup = asyncio.create_task(resolver(loopback_ip).name_of("10.1.2.3"))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as forger:
+            forger.bind((forger_ip, 53))
+            while not server.requests:
+                await asyncio.sleep(0.005)
+            request = server.requests[0]
+            query = dns.message.make_query(request.qname, request.rdtype, use_edns=False)
+            query.id = request.query_id
+            forged = dns.message.make_response(query)
+            forged.answer.append(dns.rrset.from_text(request.qname, 60, "IN", "PTR", "forged.example."))
+            for _ in range(50):
+                forger.sendto(forged.to_wire(), request.client)
+        return await lookup
+
+    with FakeDNS(loopback_ip, ptr={"10.1.2.3": "real.example."}, delay=0.03) as server:
+        assert run(lookup_while_forging(server)) == b"real.example"
+    assert len(server.requests) == 1
 
 
 def test_refused_port_waits_only_the_patient_round(loopback_ip: str) -> None:
