@@ -48,6 +48,7 @@ class DescriptorGate:
         self._open_sockets = 0  # handed out by socket(), not yet given to close()
         self._last_progress = 0.0  # loop time of the last release or socket handed out
         self._last_shortage: OSError | None = None
+        self._used = False  # a lookup asked for a socket: the reserve is worth keeping
 
     @property
     def starved(self) -> bool:
@@ -60,6 +61,7 @@ class DescriptorGate:
         Other errors (an unsupported family, say) are raised as socket.socket raises them.
         """
         loop = asyncio.get_running_loop()
+        self._used = True
         if not self._waiters:
             sock = self._try_socket(family, kind, loop)
             if sock is not None:
@@ -89,14 +91,15 @@ class DescriptorGate:
         self.released()
 
     def released(self) -> None:
-        """A descriptor was closed: the head waiter tries again; with nobody waiting, refill the reserve."""
-        try:
-            self._last_progress = asyncio.get_running_loop().time()
-        except RuntimeError:
-            pass  # closed outside the loop (at exit): nobody can be waiting
+        """A descriptor was closed: the head waiter tries again; with nobody waiting, refill the reserve.
+
+        Called on the loop's thread, for every connection closed: without lookups (the gate
+        never used) it costs nothing.
+        """
         if self._waiters:
+            self._last_progress = asyncio.get_running_loop().time()
             self._wake_head()
-        elif self._reserve is None:
+        elif self._reserve is None and self._used:
             self._open_reserve()
 
     # -- internals --------------------------------------------------------------------------
