@@ -4,6 +4,10 @@ Connection.run is the whole path of a client, top to bottom, in the original's o
 end a connection (a deny, a drop, a failed spawn, an internal error, the program's end) ends it
 through Connection.finish, which closes the descriptor and gives the slot back, each once.
 
+sslserver's path, when it comes, is the same with two steps moved: accept, PROXY header,
+lookups, rules, limits, handshake, banner through TLS, program (under -n the program starts
+after the limits, on the plain socket).
+
 The path is a coroutine started eagerly (start_eagerly): with no banner left to send and no
 lookups, it runs to its end on the accepting call's stack, without a task or a loop round trip.
 """
@@ -72,7 +76,8 @@ class Connection:
             decision = self._rules(peer)
             if decision.deny:
                 # No child for a denied client (differences item 1): the server's pid in the line.
-                server.log.emit(Denied(server.pid, peer))
+                if server.log.verbose:  # an event is built only when it will be written
+                    server.log.emit(Denied(server.pid, peer))
                 self.finish()
                 return
             # Limits: none yet (issue 11). Per address and per network, decided here, before spawning.
@@ -168,7 +173,8 @@ class Connection:
             return
         self.pid = pid
         assert self.peer is not None
-        server.log.emit(Served(pid, self.peer))
+        if server.log.verbose:
+            server.log.emit(Served(pid, self.peer))
         self._close_descriptor()  # the program has its own copies on 0 and 1
 
     def program_ended(self, wait_status: int) -> None:
@@ -177,7 +183,8 @@ class Connection:
             self._early_end = wait_status  # its pid and ok lines come first
             return
         try:
-            self.server.log.emit(ProgramEnded(self.pid, wait_status))
+            if self.server.log.verbose:
+                self.server.log.emit(ProgramEnded(self.pid, wait_status))
         finally:
             self.pid = 0
             self.finish()
