@@ -21,12 +21,14 @@ from serverproc import (
     TOP,
     Implementation,
     ServerProcess,
+    connect,
     original_available,
+    read_to_eof,
     rules_cdb,
     start_server,
     talk,
 )
-from serverstate import children, in_threads, wait_idle
+from serverstate import children, in_threads, status_lines, wait_idle
 
 FAULTS = TOP / "tests" / "support" / "faults.py"
 SMALL_PID_SPACE = TOP / "tests" / "support" / "small_pid_space"
@@ -57,9 +59,9 @@ def _clients(port: int, count: int, concurrent: bool) -> list[bytes]:
     return results  # type: ignore[return-value]
 
 
-def _assert_whole(server: ServerProcess) -> None:
+def _assert_whole(server: ServerProcess, limit: int = LIMIT) -> None:
     """Alive, every slot back, no zombie, no traceback: the server as if nothing had happened."""
-    wait_idle(server, LIMIT)
+    wait_idle(server, limit)
     assert server.alive()
     deadline = time.monotonic() + 5
     while children(server.pid) and time.monotonic() < deadline:
@@ -209,3 +211,28 @@ def test_a_server_that_cannot_replace_a_spawning_thread_exits_111(tmp_path: Path
     with server:
         assert server.wait(timeout=10) == 111
         assert server.log()[-1] == b"tcpserver: fatal: unable to start a spawning thread: InjectedFault"
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["ucspi.server.spawn:Environment.build", "ucspi.server.connection:Connection.spawned", "os:waitpid"],
+)
+def test_live_programs_equal_slots_taken_equal_the_last_status_line(target: str) -> None:
+    """Midway, with faults among the clients: the programs alive (in /proc), the slots taken and
+    the last `status:` line are one number."""
+    limit = 10
+    program = ["/bin/sh", "-c", "sleep 2; exec echo served 2>/dev/null"]
+    with _faulty_server(target, [2, 4], ["-v", "-c", str(limit), "-HRl0"], program) as server:
+        sockets = [connect(server.port) for _ in range(8)]
+        try:
+            time.sleep(1)  # every client decided; the programs sleep
+            running = [pid for pid, state in children(server.pid) if state != "Z"]
+            last = status_lines(server, limit)[-1]
+            assert last == b"tcpserver: status: %d/%d" % (len(running), limit)
+            assert len(running) >= 6
+            replies = [read_to_eof(client, timeout=10) for client in sockets]
+            assert replies.count(b"served\n") == len(running)
+        finally:
+            for client in sockets:
+                client.close()
+        _assert_whole(server, limit)
