@@ -15,6 +15,7 @@ lookups, it runs to its end on the accepting call's stack, without a task or a l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import traceback
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ucspi.errors import error_text
 from ucspi.rules.lookup import NO_RULE, Decision
 from ucspi.server.descriptors import DESCRIPTORS
+from ucspi.server.limits import Refusal, Ticket
 from ucspi.server.log import Denied, Dropped, InternalError, ProgramEnded, Served, SpawnFailed
 from ucspi.server.peer import Peer
 from ucspi.server.spawn import tcp_variables
@@ -44,13 +46,14 @@ class Drop(Exception):
 
 
 class Connection:
-    __slots__ = ("_early_end", "_fd_open", "_spawn_pending", "fd", "peer", "pid", "remote", "server", "slot")
+    __slots__ = ("_early_end", "_fd_open", "_spawn_pending", "fd", "peer", "pid", "remote", "server", "slot", "ticket")
 
     def __init__(self, server: Server, fd: int, remote: tuple, slot: Slot) -> None:
         self.server = server
         self.fd = fd
         self.remote = remote
         self.slot = slot
+        self.ticket: Ticket | None = None  # its place in the per-address and per-network counts
         self.peer: Peer | None = None
         self.pid = 0  # the program's, once spawned
         self._fd_open = True
@@ -80,8 +83,15 @@ class Connection:
                     server.log.emit(Denied(server.pid, peer))
                 self.finish()
                 return
-            # Limits: none yet (issue 11). Per address and per network, decided here, before spawning.
-            self._program(peer, decision)
+            limit_variables: list[tuple[bytes, bytes | None]] = []
+            if server.limits is not None:
+                ticket, refusal, before = server.limits.decide(peer.rules_ip, decision.environment)
+                if refusal is not None:
+                    self._refuse(peer, refusal)
+                    return
+                self.ticket = ticket
+                limit_variables = _limit_variables(peer, before)
+            self._program(peer, decision, limit_variables)
         except Drop as drop:
             server.log.emit(Dropped(drop.text))
             self.finish()
@@ -131,9 +141,27 @@ class Connection:
             assert server.options.rules_path is not None
             raise Drop(b"unable to read " + server.options.rules_path + b": " + error_text(error).encode()) from None
 
-    def _program(self, peer: Peer, decision: Decision) -> None:
+    def _refuse(self, peer: Peer, refusal: Refusal) -> None:
+        """At a limit: the message once, without waiting, then EOF; no child, the slot back at once."""
+        server = self.server
+        with _socket_of(self.fd) as sock:
+            with contextlib.suppress(OSError):
+                if refusal.message:
+                    sock.send(refusal.message, _SEND_FLAGS)
+                sock.shutdown(socket.SHUT_WR)
+                # What the client already sent is read away: closing on unread data would reset
+                # the connection, and the client could lose the message.
+                for _ in range(4):
+                    if not sock.recv(65536, socket.MSG_DONTWAIT):
+                        break
+        if server.log.verbose:
+            server.log.emit(Denied(server.pid, peer, refusal.suffix))
+        self.finish()
+
+    def _program(self, peer: Peer, decision: Decision, limit_variables: list[tuple[bytes, bytes | None]]) -> None:
         server = self.server
         changes = tcp_variables(peer)
+        changes.extend(limit_variables)
         if decision.data:
             changes.extend(decision.environment)
         environment = server.environment.build(changes)
@@ -213,11 +241,24 @@ class Connection:
                 DESCRIPTORS.released()
 
     def finish(self) -> None:
-        """Close the descriptor and give the slot back; a second call changes nothing."""
+        """Close the descriptor, give the counts and the slot back; a second call changes nothing."""
         try:
             self._close_descriptor()
         finally:
+            if self.ticket is not None:
+                self.ticket.give_back()
             self.slot.give_back()
+
+
+def _limit_variables(peer: Peer, before: int) -> list[tuple[bytes, bytes | None]]:
+    """Where the program stands among its address's connections: ipsvd's and s6's variables."""
+    variables: list[tuple[bytes, bytes | None]] = [
+        (b"TCPCONCURRENCY", b"%d" % (before + 1)),  # ipsvd: this one included
+        (b"TCPCONNNUM", b"%d" % before),  # s6: those before it (${PROTO}CONNNUM)
+    ]
+    if peer.ipv6:
+        variables.append((b"TCP6CONNNUM", b"%d" % before))
+    return variables
 
 
 class _socket_of:

@@ -62,8 +62,11 @@ class SpawnFailed(Event):
 
 @dataclass(frozen=True, slots=True)
 class Denied(Event):
+    """A rule's deny, or a limit's refusal (limit: ` MAXCONNIP:n` or ` MAXCONNC:n/len`)."""
+
     pid: int
     peer: Peer
+    limit: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,8 +143,8 @@ class ClassicFormat:
                 return b"tcpserver: pid %d from %s\ntcpserver: %s" % (pid, peer.remote_ip, ok_line)
             case SpawnFailed(pid, peer):
                 return b"tcpserver: " + verdict_line(b"ok", pid, peer)
-            case Denied(pid, peer):
-                return b"tcpserver: " + verdict_line(b"deny", pid, peer)
+            case Denied(pid, peer, limit):
+                return b"tcpserver: " + verdict_line(b"deny", pid, peer)[:-1] + limit + b"\n"
             case ProgramEnded(pid, wait_status):
                 return b"tcpserver: end %d status %d\n" % (pid, wait_status)
             case Dropped(reason):

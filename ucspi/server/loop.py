@@ -24,10 +24,11 @@ from ucspi.rules.database import RulesFile
 from ucspi.server.children import Children
 from ucspi.server.connection import Connection, start_eagerly
 from ucspi.server.descriptors import DESCRIPTORS
+from ucspi.server.limits import Limits
 from ucspi.server.log import Fatal, Log, Warned, sanitize
 from ucspi.server.options import ServerOptions
 from ucspi.server.peer import PeerFacts
-from ucspi.server.spawn import Environment, Spawner
+from ucspi.server.spawn import Environment, Spawner, first_values
 
 # Accepting several clients per wakeup saves a poll round trip each under load.
 _ACCEPT_BATCH = 32
@@ -69,6 +70,8 @@ class Server:
         self.facts = facts
         self.log = log
         self.rules = RulesFile(options.rules_path) if options.rules_path is not None else None
+        # The start-up environment as getenv sees it: MAXCONNIP, MAXCONIP, MAXCONNC, DIEMSG.
+        self.limits = Limits.configured(options.max_per_ip, options.max_per_net, first_values(environment.initial))
         self.slots_taken = 0
         # Bound to one address, every connection's local end is the listener's: no getsockname.
         bound = listener.getsockname()

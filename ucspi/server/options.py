@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ucspi.errors import EXIT_PERMANENT
 from ucspi.numbers import scan_ulong
+from ucspi.server.limits import LimitOption, parse_per_ip, parse_per_net
 
 # The usage line of Debian's IPv6 build, whose options we have (differences item 6).
 USAGE = (
@@ -75,10 +76,33 @@ OPTION_TABLE: tuple[Option, ...] = (
     Option("4", None, "IPv4 only: a host name is looked up for its IPv4 address alone (host 0 is 0.0.0.0 anyway)"),
     Option("6", None, "present IPv4 clients on an IPv6 socket as IPv6 (::ffff:a.b.c.d, PROTO=TCP6)"),
     Option("I", "interface", "the interface (scope) of a link-local address to listen on"),
+    # Not 0.88's: ipsvd's and s6's letter for the per-address limit (same as --max-per-ip).
+    Option(
+        "C",
+        "n[:msg]",
+        "at most N connections at once from one address; the next gets MSG (\\n \\r \\\\ escapes)",
+        field="max_per_ip",
+        parse=parse_per_ip,
+    ),
 )
 
 # `--name=value` options, 0.88 has none: the features to come add their rows here.
-LONG_OPTIONS: tuple[Option, ...] = ()
+LONG_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "max-per-ip",
+        "n[:msg]",
+        "at most N connections at once from one address (as -C); MAXCONNIP in a rule overrides",
+        field="max_per_ip",
+        parse=parse_per_ip,
+    ),
+    Option(
+        "max-per-net",
+        "n[/len4[/len6]][:msg]",
+        "at most N connections at once from one network (default /24 and /64); MAXCONNC overrides",
+        field="max_per_net",
+        parse=parse_per_net,
+    ),
+)
 
 FLAG_LETTERS = "".join(option.name for option in OPTION_TABLE if option.argument is None)
 ARGUMENT_LETTERS = "".join(option.name for option in OPTION_TABLE if option.argument is not None)
@@ -195,6 +219,8 @@ class ServerOptions:
     ipv4_only: bool = False
     mapped_as_ipv6: bool = False
     interface: bytes | None = None
+    max_per_ip: LimitOption | None = None
+    max_per_net: LimitOption | None = None
     operands: list[str] = field(default_factory=list)
 
 
