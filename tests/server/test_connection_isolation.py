@@ -84,6 +84,7 @@ STEPS = [
     # Only in the code of issue 9.
     ("ucspi.server.connection:Connection.spawned", ["-HRl0"]),
     ("ucspi.server.connection:Connection.program_ended", ["-HRl0"]),
+    ("ucspi.server.children:Children._spawn", ["-HRl0"]),
     ("ucspi.server.connection:Connection._banner", ["-HRl0", "-B", "hello "]),
     ("ucspi.server.log:ClassicFormat.format", ["-HRl0"]),
 ]
@@ -235,4 +236,17 @@ def test_live_programs_equal_slots_taken_equal_the_last_status_line(target: str)
         finally:
             for client in sockets:
                 client.close()
+        _assert_whole(server, limit)
+
+
+def test_every_programs_end_failing_to_be_told_still_gives_every_slot_back() -> None:
+    """A fault each time a program's end is handed to its connection, early ends (before the
+    spawn is reported) included: 400 clients in bursts of 40, and no slot is lost."""
+    limit = 40
+    options = ["-v", "-c", str(limit), "-HRl0"]
+    every_call = list(range(1, 2000))
+    with _faulty_server("ucspi.server.connection:Connection.program_ended", every_call, options, ECHO_SERVED) as server:
+        for _ in range(10):
+            replies = _clients(server.port, 40, concurrent=True)
+            assert replies == [b"served\n"] * 40
         _assert_whole(server, limit)

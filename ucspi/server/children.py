@@ -1,11 +1,12 @@
 """The programs: started by posix_spawn (inline or from worker threads), known by pid, reaped.
 
-Starting a program and reaping exclude each other: while any posix_spawn call is in flight, no
-waitpid(-1) runs. glibc's posix_spawn reaps its own child when the exec fails; a waitpid(-1)
-running meanwhile could take that child first, and the pid would later name someone else. So
-every pid the reaper sees was registered, under the same lock, by the spawn that made it.
-A reap that finds a spawn in flight is taken over by the last spawn to finish, and spawns that
-would start meanwhile wait for it: the loop never waits for a spawn.
+The reaper reaps only what a spawn registered. glibc's posix_spawn reaps its own child when
+the exec fails; a waitpid(-1) running meanwhile could take that child first, and the pid would
+later name someone else's program. So the reaper looks at each ended child first (waitid with
+WNOWAIT) and reaps it only when its pid was registered, under the same lock, by the spawn that
+made it. A child nobody registered while a spawn is in flight stops the round: the last spawn
+to finish schedules it again, and spawns that would start meanwhile wait for it. The loop
+never waits for a spawn, and without exec failures no round waits at all.
 """
 
 from __future__ import annotations
@@ -97,10 +98,12 @@ class Children:
             failure = error
         finally:
             with self._table:
-                if pid:
-                    connection.pid = pid  # known before any reap can hand it its end
-                    self._running[pid] = connection
-                self._spawning -= 1
+                try:
+                    if pid:
+                        connection.pid = pid  # known before any reap can hand it its end
+                        self._running[pid] = connection
+                finally:
+                    self._spawning -= 1
                 take_over_reap = self._reap_wanted and not self._spawning
         if take_over_reap:
             self._schedule_reap()
@@ -127,7 +130,10 @@ class Children:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         while True:
             connection, environment = self._jobs.get()
-            pid, failure = self._spawn(connection, environment, wait=True)
+            try:
+                pid, failure = self._spawn(connection, environment, wait=True)
+            except BaseException as error:  # the connection must hear back, whatever happened
+                pid, failure = connection.pid, error
             self._loop.call_soon_threadsafe(self._answer, connection, pid, failure)
 
     def _replace_worker(self, dead: threading.Thread) -> None:
@@ -153,18 +159,31 @@ class Children:
             self._loop.call_soon_threadsafe(self.reap)
 
     def reap(self) -> None:
-        """Every program that has ended, each handed to its connection (on the loop)."""
+        """Every program that has ended, each handed to its connection (on the loop).
+
+        Each ended child is looked at first (WNOWAIT) and reaped only if a spawn registered it.
+        One that nobody registered while a spawn is in flight is glibc's failed child (glibc
+        reaps it) or a program not registered yet: the round stops there, the last spawn in
+        flight runs it again, and new spawns wait for that. Older children come first, so the
+        ones ahead of it are reaped at once; without exec failures no round ever waits.
+        """
         self._reap_scheduled = False  # a SIGCHLD from now on schedules another round
-        ended: list[tuple[Connection | None, int, int]] = []
+        ended: list[tuple[Connection, int]] = []
         with self._table:
-            if self._spawning:
-                self._reap_wanted = True  # the last spawn in flight schedules this round again
-                return
             self._reap_wanted = False
-            self._table.notify_all()
             while True:
                 try:
-                    pid, wait_status = os.waitpid(-1, os.WNOHANG)
+                    found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                    if found is None:
+                        break
+                    connection = self._running.get(found.si_pid)
+                    if connection is None and self._spawning:
+                        self._reap_wanted = True
+                        break
+                    # A zombie now: this returns at once. Unregistered with no spawn in flight:
+                    # not ours (a child the process had before it became tcpserver); reaped all the same.
+                    _, wait_status = os.waitpid(found.si_pid, 0)
+                    self._running.pop(found.si_pid, None)
                 except ChildProcessError:
                     break
                 except Exception as error:
@@ -172,14 +191,9 @@ class Children:
                     self._loop.call_later(_REAP_RETRY_SECONDS, self._schedule_reap)
                     self._on_error(error)
                     break
-                if not pid:
-                    break
-                ended.append((self._running.pop(pid, None), pid, wait_status))
-        for connection, _pid, wait_status in ended:
-            if connection is None:
-                continue
-            try:
-                connection.program_ended(wait_status)
-            except Exception as error:
-                connection.pid = 0  # reaped: no program holds the slot any more
-                connection.internal_error(error)
+                if connection is not None:
+                    ended.append((connection, wait_status))
+            if not self._reap_wanted:
+                self._table.notify_all()
+        for connection, wait_status in ended:
+            connection.reaped(wait_status)

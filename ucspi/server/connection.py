@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import traceback
 import types
 from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any
@@ -93,8 +92,10 @@ class Connection:
                 limit_variables = _limit_variables(peer, before)
             self._program(peer, decision, limit_variables)
         except Drop as drop:
-            server.log.emit(Dropped(drop.text))
-            self.finish()
+            try:
+                server.log.emit(Dropped(drop.text))
+            finally:
+                self.finish()
         except Exception as error:
             self.internal_error(error)
 
@@ -182,7 +183,18 @@ class Connection:
         except Exception as error:
             self.internal_error(error)
         if self._early_end is not None:
-            self.program_ended(self._early_end)
+            self.reaped(self._early_end)
+
+    def reaped(self, wait_status: int) -> None:
+        """The reaper's call: the program's end, whatever goes wrong in telling it."""
+        try:
+            self.program_ended(wait_status)
+        except Exception as error:
+            if self._spawn_pending:
+                self._early_end = wait_status  # told again once the spawn is reported
+                return
+            self.pid = 0  # reaped: no program holds the slot any more
+            self.internal_error(error)
 
     def spawned(self, pid: int, failure: BaseException | None) -> None:
         """The program runs as pid, or failure kept it from running."""
@@ -222,9 +234,7 @@ class Connection:
     def internal_error(self, error: BaseException) -> None:
         """A fault of ours in this connection: this client is dropped, nobody else is touched."""
         try:
-            where = traceback.extract_tb(error.__traceback__)[-1:] if error.__traceback__ else []
-            place = (os.fsencode(where[0].filename), where[0].lineno or 0) if where else None
-            self.server.log.emit(InternalError(type(error).__name__.encode(), place))
+            self.server.log.emit(InternalError(type(error).__name__.encode(), _raised_at(error)))
         finally:
             if self.pid and not self._spawn_pending:
                 # A program runs: the client is its now, and its slot is held until it is reaped.
@@ -248,6 +258,16 @@ class Connection:
             if self.ticket is not None:
                 self.ticket.give_back()
             self.slot.give_back()
+
+
+def _raised_at(error: BaseException) -> tuple[bytes, int] | None:
+    """The file and line the error was raised at (no source read: traceback's helpers would)."""
+    frame = error.__traceback__
+    if frame is None:
+        return None
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return os.fsencode(frame.tb_frame.f_code.co_filename), frame.tb_lineno
 
 
 def _limit_variables(peer: Peer, before: int) -> list[tuple[bytes, bytes | None]]:
