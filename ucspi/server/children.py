@@ -50,7 +50,10 @@ class Children:
         self._on_error = on_error  # a fault no connection owns: said, and the server goes on
         self._on_change = on_change  # a spawn thread became free: accepting may resume
         self._running: dict[int, Connection] = {}
-        self._table = threading.Condition(threading.Lock())
+        # The pid table's lock, taken as a plain lock on the hot paths; the condition, on the same
+        # lock, is for spawns that wait for a pending reap.
+        self._table = threading.Lock()
+        self._reaped = threading.Condition(self._table)
         self._spawning = 0  # posix_spawn calls in flight, inline or in threads
         self._reap_wanted = False
         self._reap_scheduled = False
@@ -89,7 +92,7 @@ class Children:
             # A reap is waiting for the spawns in flight to end: let it go first (threads only;
             # inline spawns run on the loop, which does the reaping, when no thread spawns).
             while wait and self._reap_wanted:
-                self._table.wait()
+                self._reaped.wait()
             self._spawning += 1
         pid, failure = 0, None
         try:
@@ -173,16 +176,23 @@ class Children:
             self._reap_wanted = False
             while True:
                 try:
+                    if not self._spawning:
+                        # No spawn in flight, so no child of glibc's to take: one call per child.
+                        pid, wait_status = os.waitpid(-1, os.WNOHANG)
+                        if not pid:
+                            break
+                        connection = self._running.pop(pid, None)
+                        if connection is not None:
+                            ended.append((connection, wait_status))
+                        continue  # an unregistered pid: a child the process had before it was tcpserver
                     found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
                     if found is None:
                         break
                     connection = self._running.get(found.si_pid)
-                    if connection is None and self._spawning:
+                    if connection is None:
                         self._reap_wanted = True
                         break
-                    # A zombie now: this returns at once. Unregistered with no spawn in flight:
-                    # not ours (a child the process had before it became tcpserver); reaped all the same.
-                    _, wait_status = os.waitpid(found.si_pid, 0)
+                    _, wait_status = os.waitpid(found.si_pid, 0)  # a zombie now: at once
                     self._running.pop(found.si_pid, None)
                 except ChildProcessError:
                     break
@@ -194,6 +204,6 @@ class Children:
                 if connection is not None:
                     ended.append((connection, wait_status))
             if not self._reap_wanted:
-                self._table.notify_all()
+                self._reaped.notify_all()
         for connection, wait_status in ended:
             connection.reaped(wait_status)
