@@ -4,80 +4,173 @@ The original reopens the cdb for every connection. RulesFile keeps it and reopen
 stat shows another file or a changed one (inode, size, mtime, ctime: tcprules renames a new file
 in, chmod changes ctime), so every change is seen at the next lookup, as the original sees it.
 
-The file is never mapped: one truncated in place under a mapping would kill the server with
-SIGBUS. A file up to PRIVATE_COPY_LIMIT is read once into a private memory file, which is mapped
-(lookups then make no system call); a bigger one is read with pread at each lookup.
+One process serves every client, so nothing here may block on what the file's owner controls:
+- It is opened O_NONBLOCK (a FIFO's open never waits for a writer), and only a regular file is
+  read: a FIFO, device or socket is `invalid argument` as the original reports them (a socket's
+  open already fails with ENXIO), a directory `is a directory`.
+- The live file is never mapped: one truncated in place under a mapping would kill the server
+  with SIGBUS. A file up to PRIVATE_COPY_LIMIT is copied into a private memory file, which is
+  mapped (a lookup then makes no system call); a bigger one is read with pread at each lookup,
+  so that a change costs the loop an open and a header read, whatever the file's size.
+- Nothing past the size fstat gave is read, so /dev/zero or a growing file cannot fill memory.
+- A file that could not be opened or read is not tried again while its identity is unchanged, for
+  FAILURE_MEMORY seconds: the same error is reported meanwhile.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+import struct
+import time
+from dataclasses import dataclass
 
 import cdbx
 
 from ucspi.rules.cidr import NO_CIDR, CidrLengths
 from ucspi.rules.lookup import Decision, find_rule, read_cidr_lengths
 
-PRIVATE_COPY_LIMIT = 64 << 20
+# Copying 2 MiB into a memory file takes 0.85 ms (bench/stress_rulesfile.py measures it).
+PRIVATE_COPY_LIMIT = 2 << 20
+# A bigger file is read with pread, unless its header names a table so long that a lookup
+# would cost the loop milliseconds of system calls (0.1 s for 100,000 slots): a damaged file,
+# then copied and mapped as long as it is not huge, so that the C code scans it at memory speed.
+PREAD_SCAN_LIMIT = 4096
+DAMAGED_COPY_LIMIT = 64 << 20
+FAILURE_MEMORY = 1.0
+_COPY_CHUNK = 256 << 10
+# Errors that say nothing about the file (the server is short of descriptors or memory): the
+# next client tries again.
+_TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN})
+
+Identity = tuple[int, int, int, int, int]
+
+
+def _identity(status: os.stat_result) -> Identity:
+    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+
+
+def _open_regular(path: bytes) -> tuple[int, os.stat_result]:
+    """Our own descriptor (close-on-exec: no child inherits it) of a regular file, and its fstat."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        status = os.fstat(fd)
+        if stat.S_ISDIR(status.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(status.st_mode):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, status
 
 
 def _private_copy(fd: int, size: int) -> cdbx.CDB | None:
-    """The file's bytes in a memory file of our own, mapped; None where that cannot be had.
-
-    Closes fd when it returns a reader. Read errors are the original's (a directory: EISDIR).
-    """
-    if size > PRIVATE_COPY_LIMIT or not hasattr(os, "memfd_create"):
-        return None
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
+    """The file's first `size` bytes in a memory file of our own, mapped; None where no memory
+    file can be had. The descriptor given stays open."""
     try:
         memory_fd = os.memfd_create("ucspi-rules", os.MFD_CLOEXEC)
-    except OSError:
-        os.lseek(fd, 0, os.SEEK_SET)
+    except (AttributeError, OSError):
         return None
     try:
-        os.write(memory_fd, b"".join(chunks))
-        reader = cdbx.CDB(memory_fd, close=True, mmap=None)
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, min(_COPY_CHUNK, size - offset), offset)
+            if not chunk:
+                break  # truncated meanwhile: the next stat sees it
+            try:
+                os.write(memory_fd, chunk)
+            except OSError:  # no room for a copy (ENOSPC, EFBIG under RLIMIT_FSIZE): read the file
+                os.close(memory_fd)
+                return None
+            offset += len(chunk)
+        return cdbx.CDB(memory_fd, close=True, mmap=None)
     except BaseException:
         os.close(memory_fd)
         raise
+
+
+def _longest_scan(fd: int, size: int) -> int:
+    """The most hash slots one lookup may read: a table's slots from its start to its end or to
+    the end of the file. A valid cdb stops a lookup at an empty slot long before; a damaged one
+    (random bytes) can name a table of millions of slots, which a pread reader would read with
+    two system calls each."""
+    header = os.pread(fd, 2048, 0)
+    longest = 0
+    for position, slots in struct.iter_unpack("<II", header[: len(header) & ~7]):
+        # A lookup starts anywhere in the table, its offset taken modulo 2**32 (0xffffffff slots
+        # of 0xffffffff land inside the file), and reads slots until one is empty or unreadable.
+        end = position + 8 * slots
+        if end - position >= 1 << 32:
+            inside = size
+        elif end <= 1 << 32:
+            inside = max(0, min(end, size) - position)
+        else:
+            inside = max(0, min(1 << 32, size) - position) + min(end - (1 << 32), size)
+        if slots and inside:
+            longest = max(longest, min(slots, inside // 8 + 1))
+    return longest
+
+
+def _reader(fd: int, size: int) -> cdbx.CDB:
+    """A cdb reader over the opened file; it owns fd from here on."""
+    try:
+        copy = None
+        if size <= PRIVATE_COPY_LIMIT or (size <= DAMAGED_COPY_LIMIT and _longest_scan(fd, size) > PREAD_SCAN_LIMIT):
+            copy = _private_copy(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    if copy is None:  # not `or`: a reader's truth is its length, 0 for an empty cdb
+        return cdbx.CDB(fd, close=True, mmap=False)
     os.close(fd)
-    return reader
+    return copy
+
+
+@dataclass(frozen=True)
+class _Failure:
+    identity: Identity
+    until: float
+    error: OSError
+
+    def raise_again(self) -> None:
+        # A new exception each time: one raised again and again would chain its tracebacks.
+        raise type(self.error)(*self.error.args)
 
 
 class RulesFile:
     def __init__(self, path: bytes) -> None:
         self.path = path
-        self._identity: tuple[int, ...] | None = None
+        self._identity: Identity | None = None
         self._cdb: cdbx.CDB | None = None
         self._cidr_lengths: CidrLengths = NO_CIDR  # read once per opened file
+        self._failure: _Failure | None = None
 
-    def _reader(self) -> cdbx.CDB:
-        status = os.stat(self.path)
-        identity = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
-        if identity != self._identity or self._cdb is None:
-            self.close()
-            # Our own descriptor (close-on-exec) so that no child ever inherits it.
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                # The file opened may be newer than the one stat saw: remember the one opened.
-                status = os.fstat(fd)
-                identity = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
-                cdb = _private_copy(fd, status.st_size)
-                if cdb is None:  # not `or`: a reader's truth is its length, 0 for an empty cdb
-                    cdb = cdbx.CDB(fd, close=True, mmap=False)
-            except BaseException:
-                os.close(fd)
-                raise
-            self._cidr_lengths = read_cidr_lengths(cdb.get)
-            self._cdb = cdb
-            self._identity = identity
-        return self._cdb
+    def _current(self) -> cdbx.CDB:
+        identity = _identity(os.stat(self.path))
+        if identity == self._identity and self._cdb is not None:
+            return self._cdb
+        failure = self._failure
+        if failure is not None and failure.identity == identity and time.monotonic() < failure.until:
+            failure.raise_again()
+        self.close()
+        try:
+            fd, status = _open_regular(self.path)
+            cdb = _reader(fd, status.st_size)
+        except OSError as error:
+            if error.errno not in _TRANSIENT:
+                self._failure = _Failure(identity, time.monotonic() + FAILURE_MEMORY, error)
+            raise
+        # The file opened may be newer than the one stat saw: remember the one opened.
+        self._cidr_lengths = read_cidr_lengths(cdb.get)
+        self._cdb = cdb
+        self._identity = _identity(status)
+        return cdb
 
     def decide(self, ip: bytes, host: bytes | None, info: bytes | None) -> Decision:
         """The rule for a client; OSError as the original reports it (cdb format errors included)."""
-        reader = self._reader()
+        reader = self._current()
         return find_rule(reader.get, ip, host, info, self._cidr_lengths)
 
     def close(self) -> None:
@@ -86,3 +179,4 @@ class RulesFile:
         self._cdb = None
         self._identity = None
         self._cidr_lengths = NO_CIDR
+        self._failure = None
