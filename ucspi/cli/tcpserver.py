@@ -174,6 +174,10 @@ def main(long_options: Sequence[Option] = LONG_OPTIONS) -> None:
         # Like getopt's complaints, written whatever -q says: a command line error is never silent.
         _write_stderr(error.message)
         os._exit(error.exit_code)
+    unpaired = _proxy_option_without_proxy_from(options)
+    if unpaired:
+        _write_stderr(f"tcpserver: fatal: {unpaired} needs --proxy-from")
+        os._exit(EXIT_PERMANENT)
     log = Log(options.verbosity)
     try:
         serve(options, operands, log, initial_environment)
@@ -181,6 +185,19 @@ def main(long_options: Sequence[Option] = LONG_OPTIONS) -> None:
         if options.verbosity:
             _write_stderr(fatal.message)
         os._exit(fatal.exit_code)
+
+
+def _proxy_option_without_proxy_from(options: ServerOptions) -> str | None:
+    """The first PROXY refinement given without --proxy-from: it would silently do nothing."""
+    if options.proxy_from is not None:
+        return None
+    given = {
+        "--proxy": options.proxy_version is not None,
+        "--proxy-timeout": options.proxy_timeout is not None,
+        "--proxy-local": options.proxy_local is not None,
+        "--proxy-ident": options.proxy_ident,
+    }
+    return next((spelling for spelling, present in given.items() if present), None)
 
 
 def serve(options: ServerOptions, operands: list[str], log: Log, initial_environment: list[bytes]) -> None:

@@ -102,6 +102,41 @@ LONG_OPTIONS: tuple[Option, ...] = (
         field="max_per_net",
         parse=parse_per_net,
     ),
+    # The proxy rows' validators are defined below this table, hence the lambdas.
+    Option(
+        "proxy-from",
+        "cidr[,cidr...]",
+        "read a PROXY header from these peers (and only these; 0.0.0.0/0 and ::/0 must be written out)",
+        field="proxy_from",
+        parse=lambda text: cidr_list(text),
+    ),
+    Option(
+        "proxy",
+        "v1|v2|any",
+        "with --proxy-from: the header versions accepted (default any)",
+        field="proxy_version",
+        parse=lambda text: keyword(("v1", "v2", "any"))(text),
+    ),
+    Option(
+        "proxy-timeout",
+        "secs",
+        "with --proxy-from: drop a listed peer whose header is not complete after SECS (default 5)",
+        field="proxy_timeout",
+        parse=lambda text: positive_seconds(text),
+    ),
+    Option(
+        "proxy-local",
+        "serve|close",
+        "with --proxy-from: serve a LOCAL/UNKNOWN header (a health check) with the real endpoints, or close it",
+        field="proxy_local",
+        parse=lambda text: keyword(("serve", "close"))(text),
+    ),
+    Option(
+        "proxy-ident",
+        None,
+        "with --proxy-from: ask the proxied client's identd too (off: it cannot know the balancer's connection)",
+        field="proxy_ident",
+    ),
 )
 
 FLAG_LETTERS = "".join(option.name for option in OPTION_TABLE if option.argument is None)
@@ -181,6 +216,14 @@ def keyword(choices: Collection[str]) -> Callable[[str], str]:
     return parse
 
 
+def positive_seconds(text: str) -> float:
+    """A duration above zero."""
+    duration = seconds()(text)
+    if duration <= 0:
+        raise ValueError(text)
+    return duration
+
+
 def cidr_list(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """`CIDR[,CIDR...]`: networks with no host bits set (`10.0.0.0/8`); a bare address is /32 or /128."""
     if not text:
@@ -221,6 +264,12 @@ class ServerOptions:
     interface: bytes | None = None
     max_per_ip: LimitOption | None = None
     max_per_net: LimitOption | None = None
+    # PROXY protocol (issue 12): None = not given; the others need proxy_from.
+    proxy_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    proxy_version: str | None = None  # v1, v2 or any (the default)
+    proxy_timeout: float | None = None  # seconds, 5 by default
+    proxy_local: str | None = None  # serve (the default) or close
+    proxy_ident: bool = False
     operands: list[str] = field(default_factory=list)
 
 
