@@ -6,13 +6,20 @@ because tests/ has no __init__.py.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import ipaddress
 import os
 import re
+import shutil
 import subprocess
+import sys
+import tempfile
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -46,6 +53,138 @@ def original_command(name: str) -> Path | None:
     """The original's command, or None when it is not installed here."""
     path = ORIGINAL_BIN / name
     return path if os.access(path, os.X_OK) else None
+
+
+# uid of nobody and gid of nogroup on Debian
+NOBODY = 65534
+# The interpreter a copy for nobody runs under: the system's, readable by everyone.
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+def _as_nobody(argv: Sequence[str | os.PathLike[str]]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [os.fspath(part) for part in argv],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=command_environment(),
+        user=NOBODY,
+        group=NOBODY,
+        extra_groups=[],
+        timeout=60,
+        check=False,
+    )
+
+
+def _nobody_runs(launcher: Path) -> subprocess.CompletedProcess[bytes]:
+    """The launcher with no arguments, as nobody: a usage line and exit 100 when it can run."""
+    return _as_nobody([launcher])
+
+
+def _distribution_closure(name: str) -> list[metadata.Distribution]:
+    """ucspi's installed dependencies and theirs (test extras left out), as found in this venv."""
+    found: dict[str, metadata.Distribution] = {}
+    wanted = [requirement for requirement in metadata.requires(name) or [] if "extra ==" not in requirement]
+    while wanted:
+        dependency = re.split(r"[ ;<>=!~\[]", wanted.pop(), maxsplit=1)[0]
+        key = dependency.lower().replace("_", "-")
+        if key in found:
+            continue
+        found[key] = distribution = metadata.distribution(dependency)
+        wanted += [requirement for requirement in distribution.requires or [] if "extra ==" not in requirement]
+    return list(found.values())
+
+
+def _copy_for_nobody(scratch: Path) -> Path:
+    """ucspi and its dependencies copied into a venv of /usr/bin/python3 under scratch: bin/ of it."""
+    prefix = scratch / "lib" / "ucspi"
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", prefix], check=True, capture_output=True)
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    site_packages = prefix / "lib" / version / "site-packages"
+    shutil.copytree(TOP / "ucspi", site_packages / "ucspi", ignore=shutil.ignore_patterns("__pycache__"))
+    for distribution in _distribution_closure("ucspi"):
+        for file in distribution.files or []:
+            source = Path(distribution.locate_file(file))
+            if ".." in file.parts or "__pycache__" in file.parts or not source.is_file():
+                continue  # scripts outside site-packages, and bytecode nobody could rewrite anyway
+            (site_packages / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, site_packages / file)
+    # --version reads the version from the package's metadata, as installed.
+    info = site_packages / f"ucspi-{metadata.version('ucspi')}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: ucspi\nVersion: {metadata.version('ucspi')}\n")
+    for launcher in ("tcprules", "tcprulescheck", "ucspi-launcher"):
+        shutil.copy2(OUR_BIN / launcher, prefix / "bin" / launcher)
+    for directory, _, files in os.walk(scratch):
+        os.chmod(directory, 0o755)
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o755 if os.access(path, os.X_OK) else 0o644)
+    return prefix / "bin"
+
+
+@functools.cache
+def _bin_for_nobody() -> Path | str:
+    """Where nobody can run our tcprules and tcprulescheck, or why nowhere (a skip reason)."""
+    if os.geteuid() != 0:
+        return "running a command as nobody needs root"
+    if _nobody_runs(OUR_BIN / "tcprules").returncode == 100:
+        return OUR_BIN  # this checkout and its Python are readable by everyone
+    # A clone under a 0700 directory (/root, mktemp -d), or a Python only root can read.
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        return f"nobody cannot reach this checkout or its Python, and there is no {SYSTEM_PYTHON} to copy it under"
+    system_version = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import sys; print(*sys.version_info[:2], sep='.')"], capture_output=True, check=False
+    ).stdout.decode().strip()
+    our_version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if system_version != our_version:
+        return (
+            f"nobody cannot reach this checkout or its Python, and {SYSTEM_PYTHON} is {system_version},"
+            f" not {our_version}, the version the virtualenv's compiled dependencies are for"
+        )
+    scratch = Path(tempfile.mkdtemp(prefix="ucspi-for-nobody-", dir="/tmp"))
+    atexit.register(shutil.rmtree, scratch, True)
+    try:
+        copy = _copy_for_nobody(scratch)
+    except (OSError, subprocess.CalledProcessError) as error:
+        return f"nobody cannot reach this checkout or its Python, and copying it for nobody failed: {error}"
+    result = _nobody_runs(copy / "tcprules")
+    if result.returncode != 100:
+        return f"a copy of our commands under {SYSTEM_PYTHON} does not run as nobody: {result.stderr[-500:]!r}"
+    return copy
+
+
+def command_for_nobody(command: Path) -> Path:
+    """The same command, somewhere nobody can run it: ours from a copy if need be (skips if none)."""
+    if command.parent != OUR_BIN:
+        return command  # the original's, under /usr/bin
+    where = _bin_for_nobody()
+    if isinstance(where, str):
+        pytest.skip(where)
+    return where / command.name
+
+
+def _lowest_unprivileged_port() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+def _skip_without_privileged_ports() -> None:
+    """Unprivileged, the fake DNS (53) and identd (113) cannot listen: their tests skip, saying so."""
+    if os.geteuid() == 0 or _lowest_unprivileged_port() <= 53:
+        return
+    sys.path.insert(0, str(TOP / "tests" / "server"))
+    import fakes  # tests/server/fakes.py; the tests import fresh_loopback from it later
+
+    def fresh_loopback() -> str:
+        pytest.skip("the fake DNS server (port 53) and identd (port 113) need root")
+
+    fakes.fresh_loopback = fresh_loopback
+
+
+_skip_without_privileged_ports()
 
 
 def command_environment(variables: Mapping[bytes, bytes] | None = None) -> dict[bytes, bytes]:

@@ -3,7 +3,8 @@
 Every case runs against our commands and, where installed, against the original with the same
 expectations. On each tcprules failure an existing CDB must keep its bytes and its inode, and
 TMP must be left behind as the original leaves it. Cases needing an unprivileged user run the
-program as `nobody`, which needs root to arrange.
+program as `nobody`, which needs root to arrange; ours then from a copy nobody can reach
+(conftest.command_for_nobody), since the checkout may sit in a directory only root can enter.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import NOBODY, command_for_nobody
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "data" / "golden"
 BASE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-NOBODY = 65534  # uid of nobody and gid of nogroup on Debian
 
 TCPRULES_USAGE = b"tcprules: usage: tcprules rules.cdb rules.tmp\n"
 TCPRULESCHECK_USAGE = b"tcprulescheck: usage: tcprulescheck rules.cdb\n"
@@ -64,6 +65,9 @@ def run(
 ) -> Result:
     """Run a command; stdin is a file to read, an open descriptor, or /dev/null."""
     identity = {"user": NOBODY, "group": NOBODY, "extra_groups": []} if as_nobody else {}
+    if as_nobody:
+        # Ours from a copy nobody can reach when this checkout (or its Python) is root's alone.
+        program = command_for_nobody(program)
     with open(os.devnull if stdin is None or isinstance(stdin, int) else stdin, "rb") as file:
         result = subprocess.run(
             [program, *args],
