@@ -219,7 +219,7 @@ def test_60_mb_of_garbage_drops_100_clients_at_once(tmp_path: Path, implementati
     if implementation is ORIGINAL_SERVER and not original_available():
         pytest.skip("the original tcpserver is not installed")
     cdb = rules_cdb(tmp_path, GOOD_RULES)
-    options = [NO_LOOKUPS, "-c", "100", "-b", "200", "-x", os.fspath(cdb)]
+    options = [NO_LOOKUPS, "-c", "100", "-x", os.fspath(cdb)]
     with start_server(implementation.command, options, PROGRAM) as server:
         assert talk(server.port) == SERVED
         _big_garbage(cdb)
