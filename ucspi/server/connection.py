@@ -26,14 +26,16 @@ from ucspi.errors import error_text
 from ucspi.rules.lookup import NO_RULE, Decision
 from ucspi.server.descriptors import DESCRIPTORS
 from ucspi.server.limits import Refusal, Ticket
-from ucspi.server.log import Denied, Dropped, InternalError, ProgramEnded, Served, SpawnFailed
-from ucspi.server.peer import Peer
+from ucspi.server.log import Denied, Dropped, InternalError, ProgramEnded, ProxyNoted, Served, SpawnFailed
+from ucspi.server.peer import DIRECT, Peer, Relay
+from ucspi.server.proxy import ProxyError, ProxyTimeout, read_header
 from ucspi.server.spawn import tcp_variables
 
 if TYPE_CHECKING:
     from ucspi.server.loop import Server, Slot
 
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_PROXY_TIMEOUT = 5.0  # seconds, when --proxy-timeout is not given (Postfix's default; the spec: >= 3)
 
 
 class Drop(Exception):
@@ -67,14 +69,21 @@ class Connection:
         server = self.server
         options = server.options
         try:
-            # PROXY header: none yet (issue 12). Read here, before anything is sent, from listed peers only.
+            remote, local, relay = self.remote, None, None
+            if options.proxy_from is not None:
+                proxied = await self._proxy_header()
+                if proxied is None:  # a health check, under --proxy-local=close
+                    self.finish()
+                    return
+                remote, local, relay = proxied
             if options.no_delay or options.banner:
                 await self._banner()
-            local = self._local_address()
+            if local is None:
+                local = self._local_address()
             if server.facts.needs_lookups:
-                self.peer = peer = await server.facts.gather(local, self.remote)
+                self.peer = peer = await server.facts.gather(local, remote, relay)
             else:
-                self.peer = peer = server.facts.known(local, self.remote)
+                self.peer = peer = server.facts.known(local, remote, relay)
             decision = self._rules(peer)
             if decision.deny:
                 # No child for a denied client (differences item 1): the server's pid in the line.
@@ -98,6 +107,47 @@ class Connection:
                 self.finish()
         except Exception as error:
             self.internal_error(error)
+
+    async def _proxy_header(self) -> tuple[tuple, tuple | None, Relay] | None:
+        """Before anything is sent: from a --proxy-from peer, exactly its header, else nothing.
+
+        (client, local address or None for the real one, the balancer); None: close it quietly.
+        """
+        server = self.server
+        facts = server.facts
+        assert facts.proxy_peers is not None
+        if not facts.proxy_peers.trusts(self.remote[0]):
+            return self.remote, None, DIRECT  # its bytes are the program's, whatever they say
+        options = server.options
+        relay = facts.relay(self.remote, ())
+        balancer = relay.ip or b""  # always set: made from an address
+        with _socket_of(self.fd) as sock:
+            try:
+                header = await read_header(
+                    sock, server.loop, options.proxy_version or "any", options.proxy_timeout or _PROXY_TIMEOUT
+                )
+            except ProxyError as error:
+                raise Drop(b"bad PROXY header from " + balancer + b": " + error.reason) from None
+            except ProxyTimeout:
+                raise Drop(b"unable to read PROXY header from " + balancer + b": timed out") from None
+            except EOFError:
+                raise Drop(b"unable to read PROXY header from " + balancer + b": end of file") from None
+            except OSError as error:
+                reason = error_text(error).encode()
+                raise Drop(b"unable to read PROXY header from " + balancer + b": " + reason) from None
+        if header.variables:
+            relay = facts.relay(self.remote, header.variables)
+        if server.log.verbose:
+            for name in header.dropped:
+                server.log.emit(ProxyNoted(b"TLV value for " + name + b" from " + balancer + b" dropped"))
+        if header.local:
+            closing = options.proxy_local == "close"
+            if server.log.verbose:
+                outcome = b"closed" if closing else b"served with the real endpoints"
+                server.log.emit(ProxyNoted(b"local header from " + balancer + b", " + outcome))
+            return None if closing else (self.remote, None, relay)
+        assert header.source is not None
+        return header.source, header.destination, relay
 
     async def _banner(self) -> None:
         options = self.server.options

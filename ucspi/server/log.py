@@ -76,6 +76,13 @@ class ProgramEnded(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class ProxyNoted(Event):
+    """At -v, what a PROXY header did beyond its addresses: a LOCAL header, a TLV value dropped."""
+
+    text: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Warned(Event):
     text: bytes
     verbosity = 1
@@ -158,6 +165,8 @@ class ClassicFormat:
                         place[1],
                     )
                 return line
+            case ProxyNoted(text):
+                return b"tcpserver: proxy: " + text + b"\n"
             case Warned(text):
                 return b"tcpserver: warning: " + text + b"\n"
             case Fatal(text):

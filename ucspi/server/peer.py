@@ -14,12 +14,28 @@ from typing import TYPE_CHECKING
 
 from ucspi.address import format_ipv4, format_ipv6, is_v4_mapped
 from ucspi.server.options import ServerOptions
+from ucspi.server.proxy import TrustedPeers
 
 if TYPE_CHECKING:
     from ucspi.server.dns import StubResolver
 
 # A socket address as Python gives it: (host, port) for IPv4, (host, port, flow, scope) for IPv6.
 SocketAddress = tuple
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """The balancer a PROXY header came from: TCPPROXYIP, TCPPROXYPORT, and the TLVs' variables.
+
+    DIRECT (no ip) is a server reading headers whose client came straight: it gets none of them.
+    """
+
+    ip: bytes | None = None
+    port: int = 0
+    variables: tuple[tuple[bytes, bytes], ...] = ()
+
+
+DIRECT = Relay()
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +56,7 @@ class Peer:
     ipv6: bool = False
     rules_ip: bytes = b""  # what the rules see: a v4-mapped client's dotted quad, even under -6
     interface: bytes | None = None  # TCP6INTERFACE, for a scoped (link-local) connection
+    relay: Relay | None = None  # None: the server reads no PROXY headers (--proxy-from not given)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +100,9 @@ class PeerFacts:
         self.remote_info = options.remote_info
         self.ident_timeout = options.ident_timeout
         self.mapped_as_ipv6 = options.mapped_as_ipv6
+        # A proxied client's identd cannot know a connection made to the balancer.
+        self.proxied_remote_info = options.remote_info and options.proxy_ident
+        self.proxy_peers = TrustedPeers(options.proxy_from) if options.proxy_from is not None else None
         self.resolver: StubResolver | None = None
         if self.local_host is None or self.remote_host:
             from ucspi.server.dns import StubResolver
@@ -94,8 +114,19 @@ class PeerFacts:
         # -H -R -l NAME: everything is known at accept time, no coroutine needed.
         self.needs_lookups = self.resolver is not None or self.remote_info
 
+    def relay(self, balancer: SocketAddress, variables: tuple[tuple[bytes, bytes], ...]) -> Relay:
+        """The balancer's address as the environment shows it (canonical, v4-mapped as IPv4)."""
+        side = _side(balancer, False)
+        return Relay(side.plain.encode(), side.port, variables)
+
     def _peer(
-        self, local: _Side, remote: _Side, local_host: bytes | None, remote_host: bytes | None, info: bytes | None
+        self,
+        local: _Side,
+        remote: _Side,
+        local_host: bytes | None,
+        remote_host: bytes | None,
+        info: bytes | None,
+        relay: Relay | None = None,
     ) -> Peer:
         ipv6 = remote.ipv6
         return Peer(
@@ -109,27 +140,30 @@ class PeerFacts:
             ipv6,
             remote.plain.encode(),
             _interface_name(local.scope) if ipv6 else None,
+            relay,
         )
 
-    def known(self, local: SocketAddress, remote: SocketAddress) -> Peer:
+    def known(self, local: SocketAddress, remote: SocketAddress, relay: Relay | None = None) -> Peer:
         """The facts when no lookup is needed."""
-        if len(remote) == 2:  # an IPv4 socket: the common case, kept short
+        if len(remote) == 2 and relay is None:  # an IPv4 socket: the common case, kept short
             return Peer(
                 local[0].encode(), local[1], self.local_host, remote[0].encode(), remote[1], None, None, False,
                 remote[0].encode(),
             )  # fmt: skip
         mapped = self.mapped_as_ipv6
-        return self._peer(_side(local, mapped), _side(remote, mapped), self.local_host, None, None)
+        return self._peer(_side(local, mapped), _side(remote, mapped), self.local_host, None, None, relay)
 
-    async def gather(self, local: SocketAddress, remote: SocketAddress) -> Peer:
+    async def gather(self, local: SocketAddress, remote: SocketAddress, relay: Relay | None = None) -> Peer:
         local_side = _side(local, self.mapped_as_ipv6)
         remote_side = _side(remote, self.mapped_as_ipv6)
+        # Every connection a header came on is the balancer's, a LOCAL one included.
+        ask_ident = self.remote_info if relay is None or relay.ip is None else self.proxied_remote_info
         local_host, remote_host, remote_info = await asyncio.gather(
             self._local_name(local_side.plain),
             self._remote_name(remote_side.plain),
-            self._ident(local_side.plain, local_side.port, remote_side.plain, remote_side.port),
+            self._ident(local_side.plain, local_side.port, remote_side.plain, remote_side.port, ask_ident),
         )
-        return self._peer(local_side, remote_side, local_host, remote_host, remote_info)
+        return self._peer(local_side, remote_side, local_host, remote_host, remote_info, relay)
 
     async def _local_name(self, local_ip: str) -> bytes | None:
         if self.local_host is not None or self.resolver is None:
@@ -149,8 +183,10 @@ class PeerFacts:
             addresses = await self.resolver.addresses_of(name)
         return name if remote_ip in addresses else None
 
-    async def _ident(self, local_ip: str, local_port: int, remote_ip: str, remote_port: int) -> bytes | None:
-        if not self.remote_info:
+    async def _ident(
+        self, local_ip: str, local_port: int, remote_ip: str, remote_port: int, ask: bool
+    ) -> bytes | None:
+        if not ask:
             return None
         from ucspi.server.ident import remote_info
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
 import struct
 from collections.abc import Sequence
@@ -366,6 +367,8 @@ async def _readable(fd: int, loop: asyncio.AbstractEventLoop, deadline: float) -
     finally:
         loop.remove_reader(fd)
         timer.cancel()
+        # uvloop made it non-blocking; the program gets a blocking socket, as from the original.
+        os.set_blocking(fd, True)
 
 
 def _settle(waiter: asyncio.Future[bool], readable: bool) -> None:

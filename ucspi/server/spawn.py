@@ -15,7 +15,8 @@ import os
 import signal
 from collections.abc import Sequence
 
-from ucspi.server.peer import Peer
+from ucspi.server.peer import Peer, Relay
+from ucspi.server.proxy import TLV_VARIABLE_NAMES
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 # Opaque glibc structures: 80 and 336 bytes on x86-64; room to spare for other ABIs.
@@ -103,9 +104,27 @@ def _ipv6_variables(peer: Peer) -> list[tuple[bytes, bytes | None]]:
     return changes
 
 
+def _proxy_variables(relay: Relay) -> list[tuple[bytes, bytes | None]]:
+    """The balancer's address and the header's TLV values; every name is set or removed, as
+    0.88 does with TCPREMOTEHOST, so no stale value from the server's own environment survives."""
+    values = dict(relay.variables)
+    changes: list[tuple[bytes, bytes | None]] = [
+        (b"TCPPROXYIP", relay.ip),
+        (b"TCPPROXYPORT", None if relay.ip is None else b"%d" % relay.port),
+    ]
+    changes += [(name, values.get(name)) for name in TLV_VARIABLE_NAMES]
+    return changes
+
+
 def tcp_variables(peer: Peer) -> list[tuple[bytes, bytes | None]]:
-    """The changes tcpserver makes to the environment for one client, before the rule's."""
-    return _ipv6_variables(peer) if peer.ipv6 else _ipv4_variables(peer)
+    """The changes tcpserver makes to the environment for one client, before the rule's.
+
+    Under --proxy-from the proxy variables follow the TCP* ones, for every client.
+    """
+    changes = _ipv6_variables(peer) if peer.ipv6 else _ipv4_variables(peer)
+    if peer.relay is not None:
+        changes += _proxy_variables(peer.relay)
+    return changes
 
 
 class Environment:
