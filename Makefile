@@ -4,27 +4,42 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PREFIX ?= /usr/local
+DEST := $(abspath $(PREFIX))
+# The commands (ucspi/cli's COMMANDS) and their man pages.
+COMMANDS := $(shell sed -n 's/^COMMANDS = (\(.*\))$$/\1/p' ucspi/cli/__init__.py | tr -d '",')
+PAGES := $(wildcard man/*.1)
+# pip's cache: $HOME's when it can be written, else one inside the virtualenv (an unprivileged
+# user such as nobody may have no home at all).
+PIP_CACHE := $(shell if [ -w "$${HOME:-/nonexistent}" ]; then echo "$$HOME/.cache/pip"; else echo "$(CURDIR)/$(VENV)/.pip-cache"; fi)
+PIP := --quiet --disable-pip-version-check --cache-dir=$(PIP_CACHE)
 
-.PHONY: all test lint demo bench stress clean install
+.PHONY: all test lint man demo bench stress clean install uninstall
 
 all: test
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(VPY) -m pip install $(PIP) -e '.[test]'
 	touch $@
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ucspi tests bench bin/ucspi-launcher
+	$(VENV)/bin/ruff check ucspi tests bench man bin/ucspi-launcher bin/tcpserver
 
+# -rs: every skipped test says why (the original not installed, not root, ...).
 test: $(STAMP) lint
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -rs
+
+# tcpserver(1)'s OPTIONS section, from the option table (tests/install/test_man.py checks it).
+man: $(STAMP)
+	$(VPY) man/generate.py
 
 demo: $(STAMP)
 	$(VPY) examples/demo.py
 
-# BENCH_ARGS: see bench/run.py --help (--baseline=COMMIT adds that commit's server to the rounds).
+# Start-up of tcprules and tcprulescheck against `python3 -I -c pass` and the C ones (~1 min),
+# then BENCH_ARGS: see bench/run.py --help (--baseline=COMMIT adds that commit's server).
 bench: $(STAMP)
+	$(VPY) bench/startup.py
 	$(VPY) bench/run.py $(BENCH_ARGS)
 
 # 10,000 connections from 200 clients against -c 100 -b 256; checks and prints its figures (~15 s).
@@ -44,11 +59,62 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
 # A virtualenv under PREFIX/lib/ucspi (Debian refuses system-wide pip installs), commands linked
-# into PREFIX/bin beside the original's other tools (tcpclient, rblsmtpd, recordio).
+# into PREFIX/bin beside the original's other tools (rblsmtpd, recordio), man pages into
+# PREFIX/share/man/man1. A command of the same name that is not ours (Debian's /usr/bin/tcpserver)
+# is left alone unless FORCE=1. PYTHON=/usr/bin/python3 when yours is one only you can read.
 install:
-	$(PYTHON) -m venv $(PREFIX)/lib/ucspi
-	$(PREFIX)/lib/ucspi/bin/python -m pip install --quiet --disable-pip-version-check .
-	mkdir -p $(PREFIX)/bin
-	for command in tcpserver tcprules tcprulescheck; do \
-	    ln -sf $(PREFIX)/lib/ucspi/bin/$$command $(PREFIX)/bin/$$command; \
+	@for command in $(COMMANDS); do \
+	    link=$(DEST)/bin/$$command; \
+	    if [ -e "$$link" ] || [ -L "$$link" ]; then \
+	        case "$$(readlink -m "$$link")" in \
+	            $(DEST)/lib/ucspi/*) ;; \
+	            *) if [ "$(FORCE)" != 1 ]; then \
+	                echo "make install: $$link exists and is not ours; FORCE=1 replaces it" >&2; exit 1; fi ;; \
+	        esac; \
+	    fi; \
 	done
+	$(PYTHON) -m venv $(DEST)/lib/ucspi
+	$(DEST)/lib/ucspi/bin/python -m pip install $(PIP) .
+	mkdir -p $(DEST)/bin $(DEST)/share/man/man1
+	for command in $(COMMANDS); do ln -sfn $(DEST)/lib/ucspi/bin/$$command $(DEST)/bin/$$command; done
+	for page in $(PAGES); do cp $$page $(DEST)/share/man/man1/ && chmod 644 $(DEST)/share/man/man1/$${page#man/}; done
+	printf '%s\n' $(notdir $(PAGES)) > $(DEST)/lib/ucspi/man-pages
+	@# Every user must be able to run them (qmail runs tcprules as its admin user).
+	@if [ "$$(id -u)" = 0 ] && command -v setpriv >/dev/null; then \
+	    as_nobody="setpriv --reuid=65534 --regid=65534 --clear-groups"; \
+	else as_nobody=""; fi; \
+	for command in $(COMMANDS); do \
+	    if ! $$as_nobody $(DEST)/bin/$$command --version >/dev/null 2>&1 \
+	       || ! $(DEST)/lib/ucspi/bin/python -I -c "$$WORLD_READABLE" 2>/dev/null; then \
+	        echo "make install: warning: $(DEST)/bin/$$command cannot be run by other users:" \
+	             "the Python it was installed with ($$(readlink -f $(DEST)/lib/ucspi/bin/python))" \
+	             "or the install is not readable by them. To use another one:" \
+	             "make uninstall PREFIX=$(PREFIX); make install PREFIX=$(PREFIX) PYTHON=/usr/bin/python3" >&2; \
+	        break; \
+	    fi; \
+	done
+
+# What `make install` put there: the links into PREFIX/lib/ucspi, that directory, our man pages.
+uninstall:
+	for command in $(COMMANDS); do \
+	    link=$(DEST)/bin/$$command; \
+	    if [ -L "$$link" ]; then case "$$(readlink "$$link")" in $(DEST)/lib/ucspi/*) rm -f "$$link" ;; esac; fi; \
+	done
+	if [ -f $(DEST)/lib/ucspi/man-pages ]; then \
+	    while read -r page; do rm -f "$(DEST)/share/man/man1/$$page"; done < $(DEST)/lib/ucspi/man-pages; \
+	fi
+	rm -rf $(DEST)/lib/ucspi
+
+# For install's check: the interpreter, its standard library and the install itself must be
+# readable (and their directories searchable) by others, all the way up from /.
+define WORLD_READABLE
+import os, sys, sysconfig
+paths = [os.path.realpath(sys.executable), sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+for path in map(os.path.realpath, paths):
+    mode = os.stat(path).st_mode
+    assert mode & 0o004 and (not os.path.isdir(path) or mode & 0o001), path
+    while path != "/":
+        path = os.path.dirname(path)
+        assert os.stat(path).st_mode & 0o001, path
+endef
+export WORLD_READABLE
