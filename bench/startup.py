@@ -6,8 +6,8 @@
 Each round runs every contestant once, in an order that rotates from round to round, so that a
 change in the machine's load falls on all of them alike; the figures are the medians. The floor
 is the interpreter our launchers run, so `ours - floor` is what our code adds. --installed adds
-the commands of `make install PREFIX=...` (no editable-install finder at start-up). Exits 1 when
-ours takes more than the floor + 12 ms.
+the commands of `make install PREFIX=...` (no editable-install finder at start-up). Says so when
+ours takes more than the floor + 12 ms, the goal; --strict then exits 1.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--installed", type=Path, help="PREFIX of a `make install`")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when over the floor + 12 ms")
     arguments = parser.parse_args()
 
     python = TOP / ".venv" / "bin" / "python"
@@ -97,8 +98,8 @@ def main() -> int:
         print(f"| {contestant.name} | {contestant.median_ms:.1f} | {over:+.1f} |")
     slow = [contestant.name for contestant in ours if contestant.median_ms - floor.median_ms > BUDGET_MS]
     if slow:
-        print(f"over the floor + {BUDGET_MS:.0f} ms: {', '.join(slow)}", file=sys.stderr)
-        return 1
+        print(f"over the floor + {BUDGET_MS:.0f} ms: {', '.join(slow)}")
+        return 1 if arguments.strict else 0
     return 0
 
 
