@@ -1,6 +1,6 @@
 """The tcprules/tcprulescheck part of ucspi-tcp 0.88's regression suite (rts), run on our commands.
 
-The script below follows the upstream `rts.tests` section (spec 7), retold in Python: each step
+The script below follows the upstream `rts.tests` section (docs/behaviour.md §7), retold in Python: each step
 is a heading, a command, or a command whose exit code is echoed. As in `rts.sh`, commands get
 an environment holding only PATH (plus the step's own TCPREMOTE* variables), stderr is merged
 into stdout, and the whole output goes through `cat -v`. The expected output,
@@ -184,11 +184,49 @@ def test_cat_v() -> None:
     assert cat_v(b"a\r\n\t\x00\x7f\xff\xe9") == b"a^M\n\t^@^?M-^?M-i"
 
 
-def test_script_has_the_upstream_shape() -> None:
-    """27 lookups in the order test and 11 in the range test, as in rts.tests."""
+def _rts_lookup_keys(ip: str, host: str | None, info: str | None) -> list[str]:
+    """The keys 0.88's rules.c tries, in order (docs/behaviour.md §5), written out independently."""
+    keys = []
+    if info is not None:
+        keys.append(f"{info}@{ip}")
+        if host is not None:
+            keys.append(f"{info}@={host}")
+    keys.append(ip)
+    if host is not None:
+        keys.append(f"={host}")
+    keys += [ip[: position + 1] for position in range(len(ip) - 1, -1, -1) if ip[position] == "."]
+    if host is not None:
+        keys += [f"={host[position:]}" for position in range(len(host)) if host[position] == "."]
+        keys.append("=")
+    return [*keys, ""]
+
+
+def test_the_order_test_expects_what_the_lookup_order_predicts() -> None:
+    """The expected file (written by the original) against rules.c's order, case by case.
+
+    The 27 lookups of rts.tests' order test, in the order given, each must find the rule the
+    lookup order predicts among the 11 rules: a script step lost, swapped or given the wrong
+    variables, or an expected file that is not the original's, fails here.
+    """
     order = SCRIPT.index(heading("--- tcprulescheck searches for rules in the proper order"))
-    assert len(SCRIPT) - order - 2 == 27
+    rules_step, lookups = SCRIPT[order + 1], SCRIPT[order + 2 :]
+    assert len(lookups) == 27
     assert sum(step.env.get("TCPREMOTEIP", "").startswith("127.") and not step.echo_status for step in SCRIPT) == 11
+    rules = {}
+    for line in filter(None, rules_step.stdin.decode().splitlines()):
+        address, _, instruction = line.rpartition(":allow,which=/")
+        rules[address] = instruction.rstrip("/")
+    assert len(rules) == 11
+    expected = EXPECTED.read_text().split("--- tcprulescheck searches for rules in the proper order\n0\n", 1)[1]
+    predicted = ""
+    for step in lookups:
+        env = step.env
+        keys = _rts_lookup_keys(env["TCPREMOTEIP"], env.get("TCPREMOTEHOST"), env.get("TCPREMOTEINFO"))
+        key = next(key for key in keys if key in rules)
+        predicted += f"rule {key}:\nset environment variable which={rules[key]}\nallow connection\n"
+    assert expected == predicted
+    # Every one of the 11 rules is the answer at least once: the test exercises each step.
+    assert {line[5:-1] for line in predicted.splitlines() if line.startswith("rule ")} == set(rules)
 
 
 def test_rts_ours(tmp_path: Path) -> None:
