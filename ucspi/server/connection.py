@@ -83,7 +83,7 @@ class Connection:
             if server.facts.needs_lookups:
                 self.peer = peer = await server.facts.gather(local, remote, relay)
             else:
-                self.peer = peer = server.facts.known(local, remote, relay)
+                self.peer = peer = server.facts.known(local, remote)
             decision = self._rules(peer)
             if decision.deny:
                 # No child for a denied client (differences item 1): the server's pid in the line.
@@ -99,7 +99,7 @@ class Connection:
                     return
                 self.ticket = ticket
                 limit_variables = _limit_variables(peer, before)
-            self._program(peer, decision, limit_variables)
+            self._program(peer, decision, limit_variables, relay)
         except Drop as drop:
             try:
                 server.log.emit(Dropped(drop.text))
@@ -209,9 +209,15 @@ class Connection:
             server.log.emit(Denied(server.pid, peer, refusal.suffix))
         self.finish()
 
-    def _program(self, peer: Peer, decision: Decision, limit_variables: list[tuple[bytes, bytes | None]]) -> None:
+    def _program(
+        self,
+        peer: Peer,
+        decision: Decision,
+        limit_variables: list[tuple[bytes, bytes | None]],
+        relay: Relay | None,
+    ) -> None:
         server = self.server
-        changes = tcp_variables(peer)
+        changes = tcp_variables(peer, relay)
         changes.extend(limit_variables)
         if decision.data:
             changes.extend(decision.environment)

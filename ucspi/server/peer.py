@@ -56,7 +56,6 @@ class Peer:
     ipv6: bool = False
     rules_ip: bytes = b""  # what the rules see: a v4-mapped client's dotted quad, even under -6
     interface: bytes | None = None  # TCP6INTERFACE, for a scoped (link-local) connection
-    relay: Relay | None = None  # None: the server reads no PROXY headers (--proxy-from not given)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +125,6 @@ class PeerFacts:
         local_host: bytes | None,
         remote_host: bytes | None,
         info: bytes | None,
-        relay: Relay | None = None,
     ) -> Peer:
         ipv6 = remote.ipv6
         return Peer(
@@ -140,20 +138,20 @@ class PeerFacts:
             ipv6,
             remote.plain.encode(),
             _interface_name(local.scope) if ipv6 else None,
-            relay,
         )
 
-    def known(self, local: SocketAddress, remote: SocketAddress, relay: Relay | None = None) -> Peer:
+    def known(self, local: SocketAddress, remote: SocketAddress) -> Peer:
         """The facts when no lookup is needed."""
-        if len(remote) == 2 and relay is None:  # an IPv4 socket: the common case, kept short
+        if len(remote) == 2:  # an IPv4 socket: the common case, kept short
             return Peer(
                 local[0].encode(), local[1], self.local_host, remote[0].encode(), remote[1], None, None, False,
                 remote[0].encode(),
             )  # fmt: skip
         mapped = self.mapped_as_ipv6
-        return self._peer(_side(local, mapped), _side(remote, mapped), self.local_host, None, None, relay)
+        return self._peer(_side(local, mapped), _side(remote, mapped), self.local_host, None, None)
 
     async def gather(self, local: SocketAddress, remote: SocketAddress, relay: Relay | None = None) -> Peer:
+        """The facts the options ask for; relay: the balancer a PROXY header came from, if any."""
         local_side = _side(local, self.mapped_as_ipv6)
         remote_side = _side(remote, self.mapped_as_ipv6)
         # Every connection a header came on is the balancer's, a LOCAL one included.
@@ -163,7 +161,7 @@ class PeerFacts:
             self._remote_name(remote_side.plain),
             self._ident(local_side.plain, local_side.port, remote_side.plain, remote_side.port, ask_ident),
         )
-        return self._peer(local_side, remote_side, local_host, remote_host, remote_info, relay)
+        return self._peer(local_side, remote_side, local_host, remote_host, remote_info)
 
     async def _local_name(self, local_ip: str) -> bytes | None:
         if self.local_host is not None or self.resolver is None:

@@ -116,15 +116,16 @@ def _proxy_variables(relay: Relay) -> list[tuple[bytes, bytes | None]]:
     return changes
 
 
-def tcp_variables(peer: Peer) -> list[tuple[bytes, bytes | None]]:
+def tcp_variables(peer: Peer, relay: Relay | None = None) -> list[tuple[bytes, bytes | None]]:
     """The changes tcpserver makes to the environment for one client, before the rule's.
 
-    Under --proxy-from the proxy variables follow the TCP* ones, for every client.
+    relay: under --proxy-from, for every client (DIRECT when it came straight); its variables
+    follow the TCP* ones.
     """
+    if relay is None:
+        return _ipv6_variables(peer) if peer.ipv6 else _ipv4_variables(peer)
     changes = _ipv6_variables(peer) if peer.ipv6 else _ipv4_variables(peer)
-    if peer.relay is not None:
-        changes += _proxy_variables(peer.relay)
-    return changes
+    return changes + _proxy_variables(relay)
 
 
 class Environment:
