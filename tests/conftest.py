@@ -215,17 +215,17 @@ def run_command(
 
 
 def djb_hash(data: bytes) -> int:
-    """cdb's hash (spec 2.2), written out here so tests do not trust the code they test."""
+    """cdb's hash (docs/behaviour.md §2.2), written out here so tests do not trust the code they test."""
     h = 5381
     for byte in data:
         h = (((h << 5) + h) & 0xFFFFFFFF) ^ byte
     return h
 
 
-# ---- Rules files for hypothesis (spec 3.2-3.4) ----
+# ---- Rules files for hypothesis (docs/behaviour.md §3.2-3.4) ----
 
 # Octets a range or an IP may hold, edges included: over 255, leading zeros, around 2**32 and
-# 2**64 (scan_ulong wraps at 64 bits), since the range rule clamps only the top (spec 3.4).
+# 2**64 (scan_ulong wraps at 64 bits), since the range rule clamps only the top (docs/behaviour.md §3.4).
 _NUMBER_EDGES = [
     b"0", b"1", b"9", b"10", b"99", b"127", b"254", b"255", b"256", b"300", b"999",
     b"00", b"01", b"007", b"0255", b"4294967295", b"4294967296", b"4294967297",
@@ -247,7 +247,7 @@ def _range_address(valid_only: bool) -> st.SearchStrategy[bytes]:
     number = st.one_of(st.just(b""), octets(), st.sampled_from(_NUMBER_EDGES))
     if not valid_only:
         number = st.one_of(number, number, number, st.sampled_from(_BAD_NUMBERS))
-    # After the range a second "a-b" is literal text (spec 3.4, `1-2.3-4.`).
+    # After the range a second "a-b" is literal text (docs/behaviour.md §3.4, `1-2.3-4.`).
     after = st.one_of(octets(), st.tuples(octets(), octets()).map(b"-".join))
     return st.builds(
         lambda before, bottom, top, tail, dot: b"".join(part + b"." for part in before)
@@ -278,7 +278,7 @@ def user_names() -> st.SearchStrategy[bytes]:
 
 def _verbatim_address(valid_only: bool) -> st.SearchStrategy[bytes]:
     """Any bytes but ':' and newline. A '/' makes a CIDR rule where it is in the IP part
-    (differences.md 5; such lines are dropped), not in a host form or in INFO."""
+    (README, differences item 5; such lines are dropped), not in a host form or in INFO."""
     alphabet = [b" ", b"\t", b"\r", b"\x00", b"\xff", b"\x80", b"#", b".", b",", b"=", b"@", b"a", b"1", b"-", b"/"]
     if valid_only:
         alphabet.remove(b"-")  # a '-' would make it a range, mostly an unparsable one
@@ -297,7 +297,7 @@ _COLON_ADDRESSES = [
 
 
 def addresses(valid_only: bool = True) -> st.SearchStrategy[bytes]:
-    """The address part of a rule: every form of spec 3.3, ranges, and odd verbatim keys."""
+    """The address part of a rule: every form of docs/behaviour.md §3.3, ranges, and odd verbatim keys."""
     return st.one_of(
         ip_strings(),
         ip_strings().map(lambda ip: ip + b"."),
@@ -310,7 +310,7 @@ def addresses(valid_only: bool = True) -> st.SearchStrategy[bytes]:
         st.builds(lambda user, host: user + b"@=" + host, user_names(), host_names()),
         st.builds(lambda spaces, ip: spaces + ip, st.sampled_from([b" ", b"  ", b"\t"]), ip_strings()),
         _verbatim_address(valid_only),
-        # A '/' outside the IP part: 0.88's reading (differences.md 5)
+        # A '/' outside the IP part: 0.88's reading (README, differences item 5)
         host_names().map(lambda host: b"=" + host + b"/x"),
         st.builds(lambda user, ip: user + b"/@" + ip, user_names(), ip_strings()),
         *([] if valid_only else [st.sampled_from(_COLON_ADDRESSES)]),
@@ -322,7 +322,7 @@ _NAMES = [b"RELAYCLIENT", b"TCPLOCALHOST", b"X", b"", b"A,B", b"FOO,BAR", b"a b"
 
 @st.composite
 def _variable(draw: st.DrawFn, last: bool) -> bytes:
-    """`,NAME=dVALUEd`: the name stops at the first '=', d is any byte but newline (spec 3.2)."""
+    """`,NAME=dVALUEd`: the name stops at the first '=', d is any byte but newline (docs/behaviour.md §3.2)."""
     name = draw(st.one_of(st.sampled_from(_NAMES), st.binary(max_size=6)))
     name = name.replace(b"=", b"").replace(b"\n", b"")
     forbidden = {10}
@@ -349,7 +349,7 @@ def instructions(draw: st.DrawFn) -> bytes:
     return draw(st.sampled_from([b"allow", b"deny"])) + b"".join(variables)
 
 
-# Instructions tcprules rejects (spec 3.2 steps 5-7, 9.4).
+# Instructions tcprules rejects (docs/behaviour.md §3.2 steps 5-7, 9.4).
 _BAD_INSTRUCTIONS = [
     b"", b"Allow", b"DENY", b"allo", b"allowx", b"allow x", b" allow", b"allow,", b"deny,FOO", b"allow,X=",
     b'allow,X="abc', b'allow,X="a"b', b'allow,X="a",', b"allow\r", b'deny,X="y"\r', b"allow:deny",
@@ -383,7 +383,7 @@ def rule_files(valid_only: bool = True) -> st.SearchStrategy[bytes]:
     return st.builds(
         lambda lines, newline: b"\n".join(lines) + (b"\n" if newline and lines else b""),
         st.lists(line, max_size=8),
-        st.booleans(),  # a final line without a newline is still a line (spec 3.2)
+        st.booleans(),  # a final line without a newline is still a line (docs/behaviour.md §3.2)
     )
 
 
@@ -405,7 +405,7 @@ def raw_rule_files() -> st.SearchStrategy[bytes]:
     return st.one_of(raw, st.lists(line, max_size=6).map(b"\n".join))
 
 
-# differences.md 5: our extended syntax takes the first ':' followed by allow/deny and then ','
+# README, differences item 5: our extended syntax takes the first ':' followed by allow/deny and then ','
 # or the end of the line. Where what is before it holds a ':' and is an IPv6 address or prefix
 # (as Python's ipaddress reads it, independently of ours), or holds a '/' in the IP part (after
 # the last '@', no '='), the line is an IPv6 or CIDR rule and the original is not the reference.
@@ -441,5 +441,5 @@ def extended_syntax_may_apply(line: bytes) -> bool:
 
 
 def without_extended_syntax(text: bytes) -> bytes:
-    """The rules text minus the lines differences.md 5 lets us read differently."""
+    """The rules text minus the lines README, differences item 5 lets us read differently."""
     return b"\n".join(line for line in text.split(b"\n") if not extended_syntax_may_apply(line))

@@ -214,7 +214,7 @@ def test_file_size_limit(commands: Commands, workdir: Path) -> None:
             b"tcprules: fatal: unable to write to rules.tmp: file too big\n",
         )
     else:
-        assert (finished.returncode, finished.stderr) == (-signal.SIGXFSZ, b"")  # differences.md 7
+        assert (finished.returncode, finished.stderr) == (-signal.SIGXFSZ, b"")  # README, differences item 7
     cdb.assert_untouched()
 
 
@@ -275,8 +275,8 @@ SERVER_PROBLEMS = {
     "unreadable": (_unreadable, b"access denied"),
     "corrupt": (lambda path: path.write_bytes(b"\xff" * 4096), b"protocol error"),
     "truncated": (_truncated_rules_for_the_client, b"protocol error"),
-    "empty": (lambda path: path.write_bytes(b""), b"protocol error"),  # differences.md 7
-    "directory": (lambda path: path.mkdir(), b"is a directory"),  # differences.md 7
+    "empty": (lambda path: path.write_bytes(b""), b"protocol error"),  # README, differences item 7
+    "directory": (lambda path: path.mkdir(), b"is a directory"),  # README, differences item 7
 }
 
 

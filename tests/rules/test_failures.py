@@ -1,4 +1,4 @@
-"""Failures of tcprules and tcprulescheck that must lose nothing (spec 3.1, 3.2, 4).
+"""Failures of tcprules and tcprulescheck that must lose nothing (docs/behaviour.md §3.1, 3.2, 4).
 
 Every case runs against our commands and, where installed, against the original with the same
 expectations. On each tcprules failure an existing CDB must keep its bytes and its inode, and
@@ -242,7 +242,7 @@ def test_tcprulescheck_unreadable_cdb(commands: Commands, workdir: Path) -> None
     assert result == Result(111, b"", b"tcprulescheck: fatal: unable to read rules.cdb: access denied\n")
 
 
-# The original crashes or says `invalid argument` here; ours follows differences.md item 7.
+# The original crashes or says `invalid argument` here; ours follows README, differences item 7.
 @pytest.mark.parametrize(
     ("make", "error"),
     [
