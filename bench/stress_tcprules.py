@@ -6,7 +6,7 @@ Figures, each checked (exit 1 when one fails):
   `tcprules: fatal: unable to write to rules.tmp: out of memory`, and the old cdb must keep its
   bytes and its inode. The original, where installed, runs the same case first as the reference.
   About 4.3 GB of disk for TMP, once per command; TMP is removed after each run.
-* races (differences item 14): ROUNDS rounds of 2, then 3, runs of bin/tcprules on one TMP
+* races (README, differences item 14): ROUNDS rounds of 2, then 3, runs of bin/tcprules on one TMP
   path, every run holding TMP open before any reads input. Each round must leave exactly one
   of the inputs' cdbs (compared with each input compiled alone), every run exiting 0, and no
   file but the cdb.
