@@ -59,7 +59,7 @@ def _host(rng: random.Random) -> str:
 
 
 def _variables(rng: random.Random) -> str:
-    """Two or three variables, each value with a delimiter of its own (spec 3.2)."""
+    """Two or three variables, each value with a delimiter of its own (docs/behaviour.md §3.2)."""
     choices = [
         ('RELAYCLIENT=""', 'RELAYCLIENT=""', "RELAYCLIENT=//"),
         ('RBLSMTPD="-no mail from you"', "RBLSMTPD=/-go away/", "RBLSMTPD=::", "RBLSMTPD=x-blocked, sorry.x"),
