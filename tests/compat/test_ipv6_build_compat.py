@@ -3,7 +3,7 @@ for their environment and log lines (issue 6). That package conflicts with ucspi
 unpacks it beside it (apt-get download, dpkg -x) into /opt/ucspi-tcp-ipv6; skipped without it.
 
 That build listens on IPv6 and IPv4 for host `0`; ours, as 0.88, on 0.0.0.0 only, and on both
-for `::` (differences item 3). So the build runs with `0` and ours with `::`: what a user coming
+for `::` (README, differences item 3). So the build runs with `0` and ours with `::`: what a user coming
 from ucspi-tcp-ipv6 writes."""
 
 from __future__ import annotations
