@@ -1,6 +1,6 @@
 """make fuzz's differential check on a few hundred inputs inside make test (and its shrinker).
 
-Each input, less the lines of differences.md 5, goes to /usr/bin/tcprules and to our
+Each input, less the lines of README, differences item 5, goes to /usr/bin/tcprules and to our
 compile_rules() in the same directory; some also through bin/tcprules (tests/fuzz/tcprules_fuzz.py).
 """
 
