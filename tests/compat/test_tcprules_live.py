@@ -5,7 +5,7 @@ Properties (hypothesis, profile `ucspi-fuzz`; UCSPI_FUZZ_EXAMPLES=5000 for a lon
   same exit code, the same stderr bytes, the same cdb bytes (or none) and the same files left;
 - a compiled file and a client (TCPREMOTEIP/HOST/INFO, each unset, empty or set) give the same
   tcprulescheck report and exit code.
-Lines that differences.md 5 lets us read differently (IPv6, CIDR) are dropped from the input.
+Lines that README, differences item 5 lets us read differently (IPv6, CIDR) are dropped from the input.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class TcprulesRun:
     exit_code: int
     stderr: bytes
     cdb: bytes | None
-    files: tuple[str, ...]  # what is left in the directory: TMP stays behind on failure (spec 3.2)
+    files: tuple[str, ...]  # what is left in the directory: TMP stays behind on failure (docs/behaviour.md §3.2)
 
 
 def run_tcprules(command: Path, text: bytes) -> TcprulesRun:
@@ -142,7 +142,7 @@ CLIENT_VARIABLES = (b"TCPREMOTEIP", b"TCPREMOTEHOST", b"TCPREMOTEINFO")
 
 
 def maybe(values: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes | None]:
-    """Unset, empty, or a value (set-but-empty differs from unset for host and info, spec 4)."""
+    """Unset, empty, or a value (set-but-empty differs from unset for host and info, docs/behaviour.md §4)."""
     return st.one_of(st.none(), st.just(b""), values)
 
 
