@@ -2,7 +2,7 @@
 
 Each scenario of tests/server/scenarios.py runs on both; their Outcomes must agree: the program's
 environment (ports masked), the log (pids and ports masked), exit codes and the facts a scenario
-records. Outcome.comparable() leaves out what differences.md lets differ: items 1 and 2 (no child
+records. Outcome.comparable() leaves out what the README's differences let differ: items 1 and 2 (no child
 for a denied or dropped client; the order of the lines) and 8 (glibc's signals 32 and 33).
 Items 3, 4 and 7 (host names, --help, a directory or empty cdb) are simply not run here.
 """
@@ -139,7 +139,7 @@ def test_scenario(scenario: Scenario, tmp_path: Path) -> None:
 def test_command_line(arguments: list[str], code: int, stderr: list[bytes], tmp_path: Path) -> None:
     def with_our_usage_line(implementation: Implementation, _directory: Path, _ip: str) -> scenarios.Outcome:
         outcome = scenarios.command_line(implementation, arguments)
-        # The one difference here is the usage line, the IPv6 build's in ours (differences item 6).
+        # The one difference here is the usage line, the IPv6 build's in ours (README, differences item 6).
         log = [USAGE if line == ORIGINAL_USAGE else line for line in outcome.log]
         return dataclasses.replace(outcome, log=log)
 
