@@ -129,7 +129,7 @@ CASES: dict[str, tuple[str, bytes]] = {
         b"=" + b"a" * 100_000 + b":allow,X=/" + b"v" * 50_000 + b"/\n",
     ),
     "long_line_error": ("a 100 kB line printed in full", b"1.2.3.4:allow," + b"y" * 100_000 + b"\n"),
-    # cdb format corner [python-notes.md]: djb hash 0, then a key probing the same slot.
+    # cdb format corner (docs/behaviour.md §2.2): djb hash 0, then a key probing the same slot.
     "hash_zero_key": ("key 39tcag8f has hash 0; aaami probes its slot", b"39tcag8f:allow,H=/zero/\naaami:deny\n"),
 }
 
