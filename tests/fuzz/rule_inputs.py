@@ -109,7 +109,7 @@ def _verbatim(r: random.Random, valid_only: bool) -> bytes:
 
 
 def address(r: random.Random, valid_only: bool = False) -> bytes:
-    """The address part of a rule: every form of spec 3.3, ranges, odd verbatim keys."""
+    """The address part of a rule: every form of docs/behaviour.md §3.3, ranges, odd verbatim keys."""
     roll = r.randrange(16)
     if roll == 0:
         return _ip(r)
@@ -145,7 +145,7 @@ def _random_bytes(r: random.Random, most: int) -> bytes:
 
 
 def _variable(r: random.Random, last: bool) -> bytes:
-    """`,NAME=dVALUEd`: the name stops at the first '=', d is any byte but newline (spec 3.2)."""
+    """`,NAME=dVALUEd`: the name stops at the first '=', d is any byte but newline (docs/behaviour.md §3.2)."""
     name = r.choice(_NAMES) if r.random() < 0.7 else _random_bytes(r, 6)
     name = name.replace(b"=", b"").replace(b"\n", b"")
     delimiter = r.choice(_DELIMITERS) if r.random() < 0.7 else bytes([r.randrange(256)])
@@ -181,7 +181,7 @@ def rule_line(r: random.Random, valid_only: bool = False) -> bytes:
 
 
 def _join(r: random.Random, lines: list[bytes], newline: bytes = b"\n") -> bytes:
-    # A final line without a newline is still a line (spec 3.2).
+    # A final line without a newline is still a line (docs/behaviour.md §3.2).
     return newline.join(lines) + (newline if lines and r.random() < 0.7 else b"")
 
 
