@@ -1,6 +1,6 @@
 """make fuzz: tcprules attacked with generated rules files, with figures at the end.
 
-1. Differential (needs /usr/bin/tcprules): each input, less the lines differences.md 5 lets us
+1. Differential (needs /usr/bin/tcprules): each input, less the lines README, differences item 5 lets us
    read differently (conftest.without_extended_syntax, as tests/compat/test_tcprules_live.py),
    goes to the original as a subprocess and to our compile_rules() in-process, one after the
    other in the same directory under the same absolute names; exit code, stdout, stderr, the
@@ -50,7 +50,7 @@ from ucspi.rules.syntax import RuleSyntaxError, add_records  # noqa: E402
 ORIGINAL = b"/usr/bin/tcprules"
 OUR_COMMAND = os.fsencode(TOP / "bin" / "tcprules")
 ENVIRONMENT = {b"PATH": os.environb.get(b"PATH", b"/usr/local/bin:/usr/bin:/bin")}
-# A previous cdb a failed run must leave alone (spec 3.2): the golden file of spec example 7.
+# A previous cdb a failed run must leave alone (docs/behaviour.md §3.2): the golden file of spec example 7.
 OLD_CDB = (TOP / "tests" / "data" / "golden" / "ex7_duplicate_key.cdb").read_bytes()
 PARSE_ERROR = b"tcprules: fatal: unable to parse this line: "
 SHOWN_FINDINGS = 5  # per chunk: one bug tends to show up many times
@@ -70,7 +70,7 @@ class ChunkResult:
     phase: str
     inputs: int = 0
     kinds: Counter[str] = field(default_factory=Counter)
-    exempt_lines: int = 0  # differences.md 5 lines dropped before the comparison
+    exempt_lines: int = 0  # README, differences item 5 lines dropped before the comparison
     cli_runs: int = 0
     exit_codes: Counter[int] = field(default_factory=Counter)  # the original's, or ours in-process
     findings: list[str] = field(default_factory=list)
