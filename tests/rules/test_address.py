@@ -1,4 +1,4 @@
-"""ucspi.address: IP parsing, RFC 5952 text, colon prefixes, CIDR keys (spec 8.1, 8.2). Pure."""
+"""ucspi.address: IP parsing, RFC 5952 text, colon prefixes, CIDR keys (docs/behaviour.md §8.1, 8.2). Pure."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_format_ipv6_is_glibc_inet_ntop(groups: list[int]) -> None:
     assert parse_ipv6(format_ipv6(packed)) == packed
 
 
-# ---- colon-terminated prefixes (spec 8.1) ----
+# ---- colon-terminated prefixes (docs/behaviour.md §8.1) ----
 
 
 @pytest.mark.parametrize(
@@ -126,13 +126,13 @@ def test_ipv6_prefix_refuses(text: bytes) -> None:
     assert normalise_ipv6_prefix(text) is None
 
 
-# ---- CIDR keys (spec 8.2) ----
+# ---- CIDR keys (docs/behaviour.md §8.2) ----
 
 
 @pytest.mark.parametrize(
     ("network", "key"),
     [
-        # The examples spec 8.2 derives from ucspi-tcp6's source.
+        # The examples docs/behaviour.md §8.2 derives from ucspi-tcp6's source.
         (b"10.0.0.0/8", b"_0000e0g0"),
         (b"127.0.0.0/8", b"_0bcdefgh"),
         (b"192.168.0.0/16", b"_ab000000i0k0m000"),
