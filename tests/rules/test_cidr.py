@@ -1,4 +1,4 @@
-"""IPv6 and CIDR rules (differences.md 5, spec 8.1, 8.2): the keys tcprules stores, the lengths
+"""IPv6 and CIDR rules (README, differences item 5, docs/behaviour.md §8.1, 8.2): the keys tcprules stores, the lengths
 record, the lookup order and tcprulescheck's report. In-process, plus our commands end to end."""
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ def compiled(tmp_path: Path, text: bytes) -> Path:
     return tmp_path / "rules.cdb"
 
 
-# ---- the separator (differences.md 5) ----
+# ---- the separator (README, differences item 5) ----
 
 
 @pytest.mark.parametrize(
     ("line", "key"),
     [
-        # spec 8.1's examples: the first ":" followed by allow/deny and then "," or the end.
+        # docs/behaviour.md §8.1's examples: the first ":" followed by allow/deny and then "," or the end.
         (b"::1:allow", b"::1"),
         (b"2001:db8::1:deny", b"2001:db8::1"),
         (b"2001:db8::allow", b"2001:db8:"),  # a prefix
@@ -276,7 +276,7 @@ RULES = b"""10.0.0.0/8:deny,WHY="v4/8"
         (b"2001:db8::7", None, b"exact"),
         (b"fe80::1", None, b"v6/1"),
         (b"::1", None, None),
-        (b"10.200.0.1", b"a.example.com", b"v4/8"),  # CIDR before host suffixes (spec 8.2)
+        (b"10.200.0.1", b"a.example.com", b"v4/8"),  # CIDR before host suffixes (docs/behaviour.md §8.2)
         (b"11.0.0.1", b"a.example.com", b"host"),
     ],
 )
@@ -347,7 +347,7 @@ def test_hostile_lines_end_quickly(line: bytes) -> None:
 
 
 def test_our_tcprules_ends_on_lines_the_ipv6_build_loops_on(tmp_path: Path) -> None:
-    # The Debian IPv6 tcprules loops forever on these (spec 8.1); ours skips or rejects them.
+    # The Debian IPv6 tcprules loops forever on these (docs/behaviour.md §8.1); ours skips or rejects them.
     for text, exit_code in [(b"no colon\n", 0), (b"   \n", 0), (b"1.2.3.4:bad\n", 100)]:
         try:
             finished = run_command([our_command("tcprules"), "rules.cdb", "rules.tmp"], text, cwd=tmp_path)
