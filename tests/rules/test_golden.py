@@ -57,7 +57,7 @@ def test_tcprules_matches_original(name: str, tmp_path: Path) -> None:
 
 
 def cdb_keys(cdb: bytes) -> list[bytes]:
-    """The record keys of a tcprules cdb in file order (spec 2.1): records end where table 0 starts."""
+    """The record keys of a tcprules cdb in file order (docs/behaviour.md §2.1): records end where table 0 starts."""
     end = struct.unpack_from("<I", cdb, 0)[0]
     keys = []
     position = 2048
@@ -69,7 +69,7 @@ def cdb_keys(cdb: bytes) -> list[bytes]:
 
 
 def client_for_key(key: bytes) -> dict[bytes, bytes]:
-    """TCPREMOTE* values that should reach this key in the lookup order of spec 5."""
+    """TCPREMOTE* values that should reach this key in the lookup order of docs/behaviour.md §5."""
     if b"@" in key:
         info, _, rest = key.partition(b"@")
         if rest.startswith(b"="):
