@@ -1,6 +1,6 @@
-"""The rule lookup shared by tcpserver and tcprulescheck (spec 4 and 5), in-process.
+"""The rule lookup shared by tcpserver and tcprulescheck (docs/behaviour.md §4 and 5), in-process.
 
-Plus a regression test run through our commands: a key whose djb hash is 0 (python-notes.md).
+Plus a regression test run through our commands: a key whose djb hash is 0 (docs/behaviour.md §2.2).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from conftest import command_environment, djb_hash, original_command, our_comman
 from ucspi.rules.compile import compile_rules
 from ucspi.rules.lookup import NO_RULE, Decision, candidate_keys, describe, find_rule
 
-# ---- spec 5: the order of the candidate keys ----
+# ---- docs/behaviour.md §5: the order of the candidate keys ----
 
 
 def test_candidate_keys_full_example() -> None:
-    # The verification run of spec 5: IP 1.2.3.4, host a.b.example.com, info joe.
+    # The verification run of docs/behaviour.md §5: IP 1.2.3.4, host a.b.example.com, info joe.
     assert list(candidate_keys(b"1.2.3.4", b"a.b.example.com", b"joe")) == [
         b"joe@1.2.3.4",
         b"joe@=a.b.example.com",
@@ -49,7 +49,7 @@ def test_candidate_keys_info_without_host() -> None:
 
 
 def test_candidate_keys_empty_host_tries_equals_twice() -> None:
-    # An empty host is a host: step 4 looks up `=`, step 7 looks it up again (spec 5).
+    # An empty host is a host: step 4 looks up `=`, step 7 looks it up again (docs/behaviour.md §5).
     assert list(candidate_keys(b"1.2.3.4", b"", None)) == [b"1.2.3.4", b"=", b"1.2.3.", b"1.2.", b"1.", b"=", b""]
 
 
@@ -59,11 +59,11 @@ def test_candidate_keys_empty_info() -> None:
 
 
 def test_candidate_keys_any_string_as_ip() -> None:
-    # The prefix scan works on any string: `abc.def` tries `abc.` (spec 5 step 5).
+    # The prefix scan works on any string: `abc.def` tries `abc.` (docs/behaviour.md §5 step 5).
     assert list(candidate_keys(b"abc.def", None, None)) == [b"abc.def", b"abc.", b""]
     # An empty IP is looked up as the IP, then again as the empty key.
     assert list(candidate_keys(b"", None, None)) == [b"", b""]
-    # tcprulescheck's default IP when TCPREMOTEIP is unset (spec 4).
+    # tcprulescheck's default IP when TCPREMOTEIP is unset (docs/behaviour.md §4).
     assert list(candidate_keys(b"0.0.0.0", None, None)) == [b"0.0.0.0", b"0.0.0.", b"0.0.", b"0.", b""]
 
 
@@ -86,7 +86,7 @@ def test_find_rule_takes_the_first_candidate_present() -> None:
 
 
 def test_find_rule_never_matches_decoys() -> None:
-    # Keys that look plausible but are never looked up (spec 3.3 note, spec 5).
+    # Keys that look plausible but are never looked up (docs/behaviour.md §3.3 note, docs/behaviour.md §5).
     decoys = {b"joe@=.example.com": b"", b"=a.b": b"", b"1.2.3": b"", b"joe@": b"", b"@1.2.3.4": b"",
               b"joe@1.2.3.": b"", b"=A.EXAMPLE.COM": b""}
     assert find_rule(decoys.get, b"1.2.3.4", b"a.example.com", b"joe") is NO_RULE
@@ -99,7 +99,7 @@ def test_find_rule_with_empty_data_is_a_rule_not_the_default() -> None:
 
 
 def test_find_rule_in_a_compiled_cdb_first_duplicate_wins(tmp_path: Path) -> None:
-    # Example 7 of spec 3.5: both records are stored, the first in the file is the one found.
+    # Example 7 of docs/behaviour.md §3.5: both records are stored, the first in the file is the one found.
     source = tmp_path / "rules.txt"
     source.write_bytes(b'1.2.3.4:allow,A="1"\n1.2.3.4:deny\n127.:deny,X="y"\n')
     with source.open("rb") as rules_text:
@@ -142,7 +142,7 @@ def test_decision_environment_skips_other_chunks_and_plus_without_equals() -> No
     assert not decision.deny
 
 
-# ---- describe: tcprulescheck's output (spec 4) ----
+# ---- describe: tcprulescheck's output (docs/behaviour.md §4) ----
 
 
 @pytest.mark.parametrize(
@@ -163,7 +163,7 @@ def test_describe(decision: Decision, report: bytes) -> None:
     assert describe(decision) == report
 
 
-# ---- regression: a key whose djb hash is 0 (python-notes.md, Part 1) ----
+# ---- regression: a key whose djb hash is 0 (docs/behaviour.md §2.2) ----
 
 HASH_ZERO_RULES = b'39tcag8f:allow,A="zero"\naaami:deny\n'
 
