@@ -1,4 +1,4 @@
-"""The rules parser in-process: spec 3.2-3.4 and the quirks of spec 9, then two properties.
+"""The rules parser in-process: docs/behaviour.md §3.2-3.4 and the quirks of docs/behaviour.md §9, then two properties.
 
 Expected values come from the spec's [V] facts about the original, not from our code.
 """
@@ -59,7 +59,7 @@ def ip_keys(prefix: bytes, numbers: Iterable[int], suffix: bytes = b"") -> list[
     return [b"%s%d%s" % (prefix, number, suffix) for number in numbers]
 
 
-# ---- spec 3.4: the range table, row by row (and the two range rows of 3.3) ----
+# ---- docs/behaviour.md §3.4: the range table, row by row (and the two range rows of 3.3) ----
 
 RANGES: list[tuple[bytes, list[bytes]]] = [
     (b"1.2.3.250-300", ip_keys(b"1.2.3.", range(250, 256))),
@@ -79,7 +79,7 @@ RANGES: list[tuple[bytes, list[bytes]]] = [
     (b"10.2-3.", [b"10.2.", b"10.3."]),
     (b"1.2.3.37-39", [b"1.2.3.37", b"1.2.3.38", b"1.2.3.39"]),  # example 4
 ]
-# "Anything else (space, `+`, second `-`, letters) -> parse error" (spec 3.4).
+# "Anything else (space, `+`, second `-`, letters) -> parse error" (docs/behaviour.md §3.4).
 BAD_RANGES = [b"1.2.3.4--5", b"abc-def", b"1.2.3.x-3", b"1.2.3. 4-5", b"1.2.3.4- 5", b"1.2.3.+4-5", b"1.2.3.4-5a"]
 
 
@@ -87,7 +87,7 @@ BAD_RANGES = [b"1.2.3.4--5", b"abc-def", b"1.2.3.x-3", b"1.2.3. 4-5", b"1.2.3.4-
 def test_range_table(address: bytes, keys: list[bytes]) -> None:
     line = address + b":deny"
     assert address_keys(address, line) == keys
-    # Every key of a range carries the same data, in increasing order (spec 3.4).
+    # Every key of a range carries the same data, in increasing order (docs/behaviour.md §3.4).
     assert records(line + b"\n") == [(key, b"D\x00") for key in keys]
 
 
@@ -121,7 +121,7 @@ def test_range_numbers_of_any_length_wrap_at_2_to_the_64(address: bytes, keys: l
     assert records(address + b":allow\n") == [(key, b"") for key in keys]
 
 
-# ---- spec 3.3: every other address form is its key, verbatim ----
+# ---- docs/behaviour.md §3.3: every other address form is its key, verbatim ----
 
 
 @pytest.mark.parametrize(
@@ -134,7 +134,7 @@ def test_address_is_the_key_verbatim(address: bytes) -> None:
     assert records(address + b":allow\n") == [(address, b"")]
 
 
-# ---- spec 2.4 and 3.5: the data of an instruction ----
+# ---- docs/behaviour.md §2.4 and 3.5: the data of an instruction ----
 
 
 @pytest.mark.parametrize(
@@ -148,10 +148,10 @@ def test_address_is_the_key_verbatim(address: bytes) -> None:
         (b'allow,FOO=xabcx,BAR=""', b"+FOO=abc\x00+BAR=\x00"),
         (b'allow,FOO="  spaced  "', b"+FOO=  spaced  \x00"),
         (b"allow,which=/known/", b"+which=known\x00"),
-        # The name runs to the next '=' anywhere, commas included; it may be empty (spec 9.5).
+        # The name runs to the next '=' anywhere, commas included; it may be empty (docs/behaviour.md §9.5).
         (b'allow,FOO,BAR="x"', b"+FOO,BAR=x\x00"),
         (b'allow,="x"', b"+=x\x00"),
-        # The delimiter is any byte: space, '/', '+', '=', NUL, CR (spec 3.2 step 6).
+        # The delimiter is any byte: space, '/', '+', '=', NUL, CR (docs/behaviour.md §3.2 step 6).
         (b'allow,X= a ,Y="b"', b"+X=a\x00+Y=b\x00"),
         (b"allow,X=+a+", b"+X=a\x00"),
         (b"allow,X==a=", b"+X=a\x00"),
@@ -185,7 +185,7 @@ def test_bad_instruction(instruction: bytes) -> None:
     assert bad_line(line + b"\n") == line
 
 
-# ---- spec 3.2 and 9: lines ----
+# ---- docs/behaviour.md §3.2 and 9: lines ----
 
 
 def test_comment_only_in_column_one() -> None:
@@ -212,7 +212,7 @@ def test_space_before_colon_is_part_of_the_key_and_after_colon_is_an_error() -> 
 def test_trailing_spaces_and_tabs_are_stripped_but_not_cr() -> None:
     assert records(b"1.2.3.4:allow \t \n") == [(b"1.2.3.4", b"")]
     assert records(b'1.2.3.4:allow,FOO="  spaced  "  \n') == [(b"1.2.3.4", b"+FOO=  spaced  \x00")]
-    # A CRLF file fails on its first rule, and the message keeps the CR (spec 9.4).
+    # A CRLF file fails on its first rule, and the message keeps the CR (docs/behaviour.md §9.4).
     assert bad_line(b"1.2.3.4:allow\r\n") == b"1.2.3.4:allow\r"
     assert bad_line(b'1.2.3.4:allow,X="y"\r\n') == b'1.2.3.4:allow,X="y"\r'
     # The line in the error is the stripped one.
