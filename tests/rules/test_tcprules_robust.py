@@ -292,7 +292,7 @@ def _race(commands: Commands, directory: Path, inputs: tuple[bytes, bytes], expe
 def test_runs_sharing_tmp_leave_one_of_their_cdbs(commands: Commands, workdir: Path) -> None:
     """RACES pairs of runs on one TMP: each pair leaves exactly one input's cdb, both exit 0.
 
-    The original lets the two writers interleave in one file (differences item 14): its races
+    The original lets the two writers interleave in one file (README, differences item 14): its races
     must show the failure this test guards against, or the race is not tight enough to prove
     anything about ours.
     """
