@@ -2,7 +2,7 @@
 
 tests/server/test_tcpserver_*.py run them on ours and check the Outcome against what the spec
 says; tests/compat/test_tcpserver_compat.py runs them on ours and on the original and requires
-the same Outcome.comparable(), which already leaves out what differences.md items 1, 2 and 8
+the same Outcome.comparable(), which already leaves out what README, differences items 1, 2 and 8
 allow to differ (the lines of a child ours never makes, the order of lines, glibc's signals).
 """
 
@@ -39,7 +39,7 @@ from serverproc import (
 )
 
 CAT_ENVIRON = ["/bin/cat", "/proc/self/environ"]
-# Wait statuses of children the original makes and ours does not (differences item 1).
+# Wait statuses of children the original makes and ours does not (README, differences item 1).
 _NO_CHILD_STATUSES = {b"25600", b"28416"}
 _PORT_ENTRY = re.compile(rb"(^|\x00)(TCPLOCALPORT|TCPREMOTEPORT)=\d+")
 _END_LINE = re.compile(rb"^tcpserver: end PID status (\d+)$")
@@ -61,7 +61,7 @@ class Outcome:
 
     def comparable(self) -> Outcome:
         """The Outcome less what the original may do differently: its no-program children's
-        pid/end lines (differences item 1) and the order of lines (item 2)."""
+        pid/end lines (README, differences item 1) and the order of lines (item 2)."""
         # Pids are masked already: take out each no-program end line and one pid line with it
         # (every client of a scenario comes from the same address, so any pid line will do).
         no_program = [
@@ -288,7 +288,7 @@ def other_signal(implementation: Implementation, number: int) -> Outcome:
 
 
 _SIGNAL_FIELDS = re.compile(rb"^(SigBlk|SigIgn):\s*([0-9a-f]+)$", re.MULTILINE)
-# differences item 8: glibc's posix_spawn leaves its internal signals 32 and 33 ignored.
+# README, differences item 8: glibc's posix_spawn leaves its internal signals 32 and 33 ignored.
 _GLIBC_SIGNALS = (1 << 31) | (1 << 32)
 
 
@@ -421,7 +421,7 @@ def port_in_use(implementation: Implementation) -> Outcome:
 
 def bundled_options(implementation: Implementation, directory: Path) -> Outcome:
     """Bundled flags, attached and separate arguments, `-Xx file` with the file missing, `--`,
-    and an option after the program's name left to the program (spec 6.1)."""
+    and an option after the program's name left to the program (docs/behaviour.md §6.1)."""
     options = ["-vHRc5", "-Bhi ", "-l", "local", "-Xx", os.fspath(directory / "missing.cdb"), "-t1", "--"]
     with start_server(implementation.command, options, ["/bin/echo", "-n", "-v"]) as server:
         reply = talk_in_turn(server, limit=5)
