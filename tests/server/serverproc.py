@@ -405,7 +405,7 @@ def tcp_changes(
     remote_host: bytes | None = None,
     remote_info: bytes | None = None,
 ) -> list[tuple[bytes, bytes | None]]:
-    """tcpserver's own changes, in the original's order (spec 6.7); None removes the variable."""
+    """tcpserver's own changes, in the original's order (docs/behaviour.md §6.7); None removes the variable."""
     return [
         (b"PROTO", b"TCP"),
         (b"TCPLOCALIP", local_ip.encode()),
@@ -431,7 +431,7 @@ _PID_LINE = re.compile(rb"^tcpserver: (pid|end) \d+ ")
 
 
 def mask_log_line(line: bytes) -> bytes:
-    """A log line with pids and ports replaced by PID and PORT (spec 6.10 layout)."""
+    """A log line with pids and ports replaced by PID and PORT (docs/behaviour.md §6.10 layout)."""
     verdict = _VERDICT.match(line)
     if verdict:
         kind, local, _, remote, _ = verdict.groups()
