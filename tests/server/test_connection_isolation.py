@@ -180,7 +180,7 @@ def test_exec_failures_while_pids_wrap_never_free_a_live_programs_slot(
         log = server.log()
         ends = [line for line in log if line.startswith(b"tcpserver: end ")]
         # Every program that ran exited 0, and was logged so; the original's own children whose
-        # exec failed end with 111 (ours has no child for them: differences item 1).
+        # exec failed end with 111 (ours has no child for them: README, differences item 1).
         assert len([line for line in ends if line.endswith(b" status 0")]) == programs
         failed_exec = b" status %d" % (111 << 8)
         others = [line for line in ends if not line.endswith(b" status 0")]
