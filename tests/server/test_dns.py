@@ -304,7 +304,7 @@ def test_a_forged_answer_from_another_address_is_ignored(loopback_ip: str) -> No
 
 def test_refused_port_waits_only_the_patient_round(loopback_ip: str) -> None:
     # ICMP refusals end rounds at once, except the 11 s one, which dns_transmit waits out:
-    # with nothing on port 53 a real lookup takes about 11 s (spec 6.8: ~22 s for two lookups).
+    # with nothing on port 53 a real lookup takes about 11 s (docs/behaviour.md §6.8: ~22 s for two lookups).
     started = time.monotonic()
     assert run(resolver(loopback_ip, timeouts=(0.05, 5, 0.5, 5)).name_of("10.1.2.3")) is None
     assert 0.45 < time.monotonic() - started < 1.5
