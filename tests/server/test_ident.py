@@ -1,4 +1,4 @@
-"""remote_info against a fake identd on the test's own 127.0.0.N:113, under uvloop (spec 6.9)."""
+"""remote_info against a fake identd on the test's own 127.0.0.N:113, under uvloop (docs/behaviour.md §6.9)."""
 
 from __future__ import annotations
 
