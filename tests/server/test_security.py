@@ -106,7 +106,7 @@ def _log_bytes_are_clean(server: ServerProcess) -> None:
 
 
 def _escaped(labels: list[bytes]) -> bytes:
-    """The name as tcpserver shows it (spec 6.8), written out here rather than taken from ucspi."""
+    """The name as tcpserver shows it (docs/behaviour.md §6.8), written out here rather than taken from ucspi."""
     out = []
     for label in labels:
         text = bytearray()
