@@ -1,5 +1,5 @@
 """The program's environment, end to end: tcpserver's variables, rule variables, and what it was
-started with passed through byte for byte (spec 6.7, 5; raw entries read from /proc/self/environ)."""
+started with passed through byte for byte (docs/behaviour.md §6.7, 5; raw entries read from /proc/self/environ)."""
 
 from __future__ import annotations
 
