@@ -1,4 +1,4 @@
-"""Every -v line: status, pid, ok, deny, end with raw wait statuses; the banner (spec 6.10, 6.6)."""
+"""Every -v line: status, pid, ok, deny, end with raw wait statuses; the banner (docs/behaviour.md §6.10, 6.6)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_program_missing_drops_each_client_and_the_server_carries_on() -> None:
     assert outcome.replies == [b"", b""]
     assert outcome.facts["alive after"] is True
     drop = b"tcpserver: warning: dropping connection, unable to run /nonexistent/program: file does not exist"
-    # The original's child logs `ok` before its exec fails; only pid and end lines go (differences item 1).
+    # The original's child logs `ok` before its exec fails; only pid and end lines go (README, differences item 1).
     ok = b"tcpserver: ok PID 0:127.0.0.1:PORT :127.0.0.1::PORT"
     assert outcome.log == [
         b"tcpserver: status: 0/40",
