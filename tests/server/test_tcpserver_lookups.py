@@ -1,5 +1,5 @@
 """TCPLOCALHOST, TCPREMOTEHOST and TCPREMOTEINFO end to end, with a fake DNS ($DNSCACHEIP) and a
-fake identd, each on the test's own 127.0.0.N; =host and user@ rules (spec 6.6-6.9, 5).
+fake identd, each on the test's own 127.0.0.N; =host and user@ rules (docs/behaviour.md §6.6-6.9, 5).
 
 The server listens on 127.0.0.1 and the client connects from 127.0.0.N, so the server's PTR
 questions go to the fake DNS on N and its ident query to N:113; N reads CLIENTIP in outcomes.
