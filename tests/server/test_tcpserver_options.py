@@ -1,5 +1,5 @@
 """The command line: usage, getopt errors, bundled and attached forms, --help, host and port
-errors (spec 6.1, 6.3, 6.4; differences item 4)."""
+errors (docs/behaviour.md §6.1, 6.3, 6.4; README, differences item 4)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from ucspi.server.options import (
     seconds,
 )
 
-# Ours is the usage line of Debian's IPv6 build (differences item 6); the 0.88 one differs.
+# Ours is the usage line of Debian's IPv6 build (README, differences item 6); the 0.88 one differs.
 USAGE = (
     b"tcpserver: usage: tcpserver [ -461UXpPhHrRoOdDqQv ] [ -c limit ] [ -x rules.cdb ] [ -B banner ]"
     b" [ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ] [ -I interface ] host port program"
@@ -80,7 +80,7 @@ def test_getopt_names_itself_after_argv0(tmp_path: Path) -> None:
 
 
 def test_help_goes_to_stdout_and_exits_0() -> None:
-    """differences item 4."""
+    """README, differences item 4."""
     outcome = command_line(OUR_SERVER, ["--help"])
     assert outcome.exit_code == 0
     assert outcome.log == []
@@ -260,7 +260,7 @@ def test_bad_value_of_a_long_option(arguments: list[str], message: bytes) -> Non
 def test_good_long_options_do_not_end_the_options() -> None:
     arguments = ["--max-per-ip=3", "-v", "--proxy-from=127.0.0.0/8,::1", "--proxy-ident", "-HRl0", "127.1", "0", "true"]
     finished = _with_sample_rows(arguments)
-    # -v after them was read, and the host was reached: 127.1 is no IP address (spec 6.3).
+    # -v after them was read, and the host was reached: 127.1 is no IP address (docs/behaviour.md §6.3).
     assert (finished.returncode, finished.stderr) == (111, b"tcpserver: fatal: no IP address for 127.1\n")
 
 
