@@ -1,5 +1,5 @@
 """The server as a process: -c, -u/-g/-U, -1 and fds 0/1, signals to the server and in the program,
-the program's descriptors (spec 6.2, 6.4, 6.5, 6.6)."""
+the program's descriptors (docs/behaviour.md §6.2, 6.4, 6.5, 6.6)."""
 
 from __future__ import annotations
 
