@@ -1,4 +1,4 @@
-"""Rules end to end: deny, a missing or corrupt cdb, a cdb replaced while serving (spec 5, 2.5, 2.6)."""
+"""Rules end to end: deny, a missing or corrupt cdb, a cdb replaced while serving (docs/behaviour.md §5, 2.5, 2.6)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def test_deny_sends_the_banner_then_eof_and_runs_nothing(tmp_path: Path) -> None
     outcome = deny_with_banner(OUR_SERVER, tmp_path)
     assert outcome.replies == [b"banner\n"]
     assert outcome.facts["program ran"] is False
-    # No child, so no pid and end lines (differences item 1); the slot is taken and given back.
+    # No child, so no pid and end lines (README, differences item 1); the slot is taken and given back.
     assert outcome.log == [
         b"tcpserver: status: 0/40",
         b"tcpserver: status: 1/40",
