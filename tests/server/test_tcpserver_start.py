@@ -1,5 +1,5 @@
-"""The start of tcpserver: closed fds 0, 1, 2 (differences item 13) and SIGTERM at any moment
-of the start (spec 6.4 step 2: the original exits 0 from its handler, installed before the socket)."""
+"""The start of tcpserver: closed fds 0, 1, 2 (README, differences item 13) and SIGTERM at any moment
+of the start (docs/behaviour.md §6.4 step 2: the original exits 0 from its handler, installed before the socket)."""
 
 from __future__ import annotations
 
