@@ -3,7 +3,7 @@
 Pure functions on bytes, no I/O. Addresses are packed (4 or 16 bytes, network order); text is
 bytes, as everything the rules touch is.
 
-CIDR keys are ucspi-tcp6's (spec 8.2), so cdb files interoperate with it: one character per
+CIDR keys are ucspi-tcp6's (docs/behaviour.md §8.2), so cdb files interoperate with it: one character per
 prefix bit after a family marker. IPv4 `_`: bit k (0-based) is `0` when clear, else the k-th
 character of `abcdefghijklmnopqrstuvwxyz123456`. IPv6 `^`: `0` when clear, else the j-th set bit
 counted from the start gets the byte 0x60 + j - 1. Both are prefix-closed: the key of a /n is
@@ -30,7 +30,7 @@ _OCTET = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4_CIDR_ADDRESS = re.compile(rb"(?:%s\.){3}%s|(?:%s\.){1,3}" % (_OCTET, _OCTET, _OCTET))
 _PREFIX_LENGTH = re.compile(rb"[1-9][0-9]{0,2}")
 _HEX_GROUP = rb"[0-9A-Fa-f]{1,4}"
-# A colon-terminated IPv6 prefix as the Debian IPv6 build matches it (spec 8.1): whole groups,
+# A colon-terminated IPv6 prefix as the Debian IPv6 build matches it (docs/behaviour.md §8.1): whole groups,
 # each followed by `:`, with at most one `::`. (`A::` alone is also a full address, parsed first.)
 _IPV6_PREFIX = re.compile(rb"(?:%s:){1,7}|(?:%s(?::%s){0,6})?::(?:%s:){1,6}" % ((_HEX_GROUP,) * 4))
 
@@ -113,7 +113,7 @@ def normalise_ipv6_prefix(text: bytes) -> bytes | None:
     return b":".join(parts)
 
 
-# ---- CIDR keys (spec 8.2) ----
+# ---- CIDR keys (docs/behaviour.md §8.2) ----
 
 
 def address_bits(packed: bytes) -> bytes:
