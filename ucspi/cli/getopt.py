@@ -2,7 +2,7 @@
 
 Unlike POSIX getopt, a lone `-` ends the options and stays (it becomes the first operand). In
 0.88 any argument starting with `--` ends the options and is consumed; a command with long
-options (differences item 11) keeps that for `--` alone and takes `--name[=value]` as an option.
+options (README, differences item 11) keeps that for `--` alone and takes `--name[=value]` as an option.
 """
 
 from __future__ import annotations
