@@ -1,4 +1,4 @@
-"""tcpserver [opts] host port program [args...]: accept TCP clients, decide, run the program (spec 6)."""
+"""tcpserver [opts] host port program [args...]: accept TCP clients, decide, run the program (docs/behaviour.md §6)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _write_stderr(text: str | bytes) -> None:
 
 
 def help_text(long_options: Sequence[Option] = LONG_OPTIONS) -> str:
-    """--help (differences item 4), formatted by click from the option tables."""
+    """--help (README, differences item 4), formatted by click from the option tables."""
     import click
 
     formatter = click.HelpFormatter()
@@ -71,7 +71,7 @@ def help_text(long_options: Sequence[Option] = LONG_OPTIONS) -> str:
 
 
 def version_text() -> str:
-    """--version (differences item 4): the installed package's version, read from its metadata."""
+    """--version (README, differences item 4): the installed package's version, read from its metadata."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -97,7 +97,7 @@ def _placeholder_descriptor() -> int:
 
 
 def _open_closed_standard_descriptors() -> None:
-    """fds 0, 1 and 2 that came closed become /dev/null (differences item 13).
+    """fds 0, 1 and 2 that came closed become /dev/null (README, differences item 13).
 
     Done before any socket exists: a listener or client that landed on 0, 1 or 2 would be
     written to as stdout or as the log, and closed as stdin.
@@ -136,7 +136,7 @@ def _wait_for_sigterm() -> None:
 
 
 def _exit_0_on_sigterm() -> None:
-    """SIGTERM exits 0 from here on (spec 6.4 step 2), whatever the main thread is doing.
+    """SIGTERM exits 0 from here on (docs/behaviour.md §6.4 step 2), whatever the main thread is doing.
 
     Blocked here, TERM stays blocked in every thread started later, so it waits for the one
     thread that takes it with sigwait: no window in which a handler is not yet registered or the
@@ -226,7 +226,7 @@ def serve(options: ServerOptions, operands: list[str], log: Log, initial_environ
     listener = bind_listener(local_ip, port, options.backlog, options.ipv4_only, options.interface)
     # Looked up as getenv does: the first entry of a name wins.
     environ = first_values(initial_environment)
-    # Made before the ids change (spec 6.4 step 5), so that every module the lookups need is
+    # Made before the ids change (docs/behaviour.md §6.4 step 5), so that every module the lookups need is
     # imported while the installed package is surely readable.
     facts = PeerFacts(options, environ)
     drop_privileges(options.uid, options.gid)
