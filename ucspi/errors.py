@@ -1,4 +1,4 @@
-"""Exit codes and djb's error strings (spec 1.1, 1.3): the original's words, kept in one place."""
+"""Exit codes and djb's error strings (docs/behaviour.md §1.1, 1.3): the original's words, kept in one place."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def error_text(error: BaseException | int | None) -> str:
     """The djb text for an errno or an OSError; anything else is a cdb format error."""
     number = error if isinstance(error, int) else getattr(error, "errno", None)
     if number is None:
-        # cdbx raises a bare OSError("Format Error"): djb's cdb reports EPROTO (spec 2.6).
+        # cdbx raises a bare OSError("Format Error"): djb's cdb reports EPROTO (docs/behaviour.md §2.6).
         number = errno.EPROTO
     return ERROR_TEXT.get(number, "unknown error")
 
