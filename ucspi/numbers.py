@@ -1,4 +1,4 @@
-"""djb's scan_ulong, the one number scan of every command (spec 6.1, 3.4): pure, no I/O."""
+"""djb's scan_ulong, the one number scan of every command (docs/behaviour.md §6.1, 3.4): pure, no I/O."""
 
 from __future__ import annotations
 
