@@ -1,4 +1,4 @@
-"""Rules text -> cdb, written to TMP, flushed and renamed over CDB (tcprules, spec 3.2 and 2.5).
+"""Rules text -> cdb, written to TMP, flushed and renamed over CDB (tcprules, docs/behaviour.md §3.2 and 2.5).
 
 Streaming: input is read in blocks and each record goes straight to cdbx's maker, which keeps
 only its small C index; no list of lines or records is ever held in Python.
@@ -52,7 +52,7 @@ def _fatal(exit_code: int, *parts: bytes, error: BaseException | int | None = No
 def _open_tmp(tmp_path: bytes) -> int:
     """TMP opened, locked and emptied: the original's open_trunc, safe for runs sharing TMP.
 
-    A second run on the same TMP waits for the first (differences item 14). When it gets the
+    A second run on the same TMP waits for the first (README, differences item 14). When it gets the
     lock, TMP may name another file, or none, because the first run renamed its own over CDB:
     it opens TMP again rather than truncate what is now someone's cdb. Only then does it
     truncate, as O_TRUNC would have. Every failure is the original's failure to open.
