@@ -1,7 +1,7 @@
-"""Peer facts -> the rule that applies (spec 5). The one lookup for tcpserver and tcprulescheck.
+"""Peer facts -> the rule that applies (docs/behaviour.md §5). The one lookup for tcpserver and tcprulescheck.
 
-0.88's order, with the IPv6 build's prefixes (cut at "." or ":", spec 8.1) and ucspi-tcp6's
-CIDR keys, longest first, right after them (spec 8.2):
+0.88's order, with the IPv6 build's prefixes (cut at "." or ":", docs/behaviour.md §8.1) and ucspi-tcp6's
+CIDR keys, longest first, right after them (docs/behaviour.md §8.2):
 INFO@IP, INFO@=HOST, IP, =HOST, IP prefixes, CIDR keys, =HOST suffixes, =, the empty key.
 """
 
@@ -83,7 +83,7 @@ def lookup_address(ip: bytes) -> tuple[bytes, bytes | None]:
 
 
 def _leading_keys(ip: bytes, host: bytes | None, info: bytes | None) -> Iterator[bytes]:
-    """Steps 1-5 of spec 5: INFO@IP, INFO@=HOST, IP, =HOST, the IP's prefixes."""
+    """Steps 1-5 of docs/behaviour.md §5: INFO@IP, INFO@=HOST, IP, =HOST, the IP's prefixes."""
     if info is not None:
         yield info + b"@" + ip
         if host is not None:
@@ -91,7 +91,7 @@ def _leading_keys(ip: bytes, host: bytes | None, info: bytes | None) -> Iterator
     yield ip
     if host is not None:
         yield b"=" + host
-    # Every prefix of the IP that ends in "." or ":" (spec 8.1), longest first; any string, not
+    # Every prefix of the IP that ends in "." or ":" (docs/behaviour.md §8.1), longest first; any string, not
     # only IPs. No 0.88 key holds a ":", so cutting there too changes nothing for 0.88 files.
     for length in range(len(ip), 0, -1):
         if ip[length - 1] in b".:":
@@ -99,7 +99,7 @@ def _leading_keys(ip: bytes, host: bytes | None, info: bytes | None) -> Iterator
 
 
 def _trailing_keys(host: bytes | None) -> Iterator[bytes]:
-    """Steps 6-8 of spec 5: the host's suffixes, `=`, the empty key."""
+    """Steps 6-8 of docs/behaviour.md §5: the host's suffixes, `=`, the empty key."""
     if host is not None:
         for position in range(len(host)):
             if host[position] == 0x2E:
@@ -187,7 +187,7 @@ def find_rule(
 
 
 def describe(decision: Decision) -> bytes:
-    """tcprulescheck's report: the matching key, the variables, then allow or deny (spec 4)."""
+    """tcprulescheck's report: the matching key, the variables, then allow or deny (docs/behaviour.md §4)."""
     if decision.key is None:
         return b"default:\nallow connection\n"
     shown = decision.key
