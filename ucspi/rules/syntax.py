@@ -1,4 +1,4 @@
-"""One line of rules text -> the keys and the cdb data it stands for (spec 3.2-3.4).
+"""One line of rules text -> the keys and the cdb data it stands for (docs/behaviour.md §3.2-3.4).
 
 Everything is bytes: a rules file is not text, and the original keeps every byte verbatim.
 """
@@ -46,7 +46,7 @@ def instruction_data(instruction: bytes, line: bytes) -> bytes:
     while position < end:
         if instruction[position] != 0x2C:  # ","
             raise RuleSyntaxError(line)
-        # The name runs to the next "=" anywhere on the line, commas included (spec 9.5).
+        # The name runs to the next "=" anywhere on the line, commas included (docs/behaviour.md §9.5).
         equals = instruction.find(b"=", position)
         if equals < 0 or equals + 1 >= end:
             raise RuleSyntaxError(line)
@@ -68,7 +68,7 @@ def _scan_number(text: bytes, line: bytes) -> int:
 
 
 def address_keys(address: bytes, line: bytes) -> list[bytes]:
-    """The key(s) for an address: itself, or the expansion of its first range (spec 3.4)."""
+    """The key(s) for an address: itself, or the expansion of its first range (docs/behaviour.md §3.4)."""
     dash = address.find(b"-")
     if dash < 0 or b"=" in address or b"@" in address:
         return [address]
@@ -82,7 +82,7 @@ def address_keys(address: bytes, line: bytes) -> list[bytes]:
     return [b"%s%d%s" % (prefix, number, suffix) for number in range(bottom, top + 1)]
 
 
-# differences.md 5: the instruction starts after the first ":" followed by allow or deny and
+# README, differences item 5: the instruction starts after the first ":" followed by allow or deny and
 # then "," or the end of the (stripped) line. Linear: no line can make it backtrack for long.
 _SEPARATOR = re.compile(rb":(?:allow|deny)(?:,|\Z)")
 
@@ -98,7 +98,7 @@ def ipv6_key(text: bytes) -> bytes | None:
 
 
 def extended_address_keys(address: bytes, line: bytes, cidr: CidrLengthsSeen) -> list[bytes]:
-    """The key(s) for an address holding a ":" or a "/" (differences.md 5).
+    """The key(s) for an address holding a ":" or a "/" (README, differences item 5).
 
     Host forms and a "/" only in the INFO of INFO@IP keep 0.88's reading; otherwise the address
     must be an IPv6 address or prefix (INFO@ allowed) or a CIDR network, else it is the
@@ -164,7 +164,7 @@ def _whole_lines(blocks: Iterable[bytes]) -> Iterator[bytes]:
         if end < len(block):
             pending.append(block[end:])
     if pending:
-        pending.append(b"\n")  # a final line without "\n" is still a line (spec 3.2)
+        pending.append(b"\n")  # a final line without "\n" is still a line (docs/behaviour.md §3.2)
         yield b"".join(pending)
 
 
@@ -178,8 +178,8 @@ def _cached_data(known: dict[bytes, bytes], instruction: bytes, line: bytes) -> 
 
 
 def _add_line(line: bytes, add: AddRecord, known: dict[bytes, bytes], cidr: CidrLengthsSeen) -> None:
-    """The general path, for one raw line without its "\\n" (spec 3.2 step 2)."""
-    if not line or line[0] == 0x23:  # blank, or "#" in column 1 only (spec 9.4)
+    """The general path, for one raw line without its "\\n" (docs/behaviour.md §3.2 step 2)."""
+    if not line or line[0] == 0x23:  # blank, or "#" in column 1 only (docs/behaviour.md §9.4)
         return
     # Trailing spaces and tabs go; a CR stays and ends up in the key or data.
     line = line.rstrip(b" \t")
@@ -223,7 +223,7 @@ def add_records(blocks: Iterable[bytes], add: AddRecord) -> CidrLengthsSeen:
     """Rules text, given in blocks of any size -> add(key, data) for every record, in file order.
 
     Returns the CIDR prefix lengths the rules used (for the lengths record, rules/cidr.py).
-    Raises RuleSyntaxError at the first bad line, as tcprules stops there (spec 3.2); the records
+    Raises RuleSyntaxError at the first bad line, as tcprules stops there (docs/behaviour.md §3.2); the records
     before it have been added.
     """
     known: dict[bytes, bytes] = {}
