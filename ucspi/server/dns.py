@@ -1,6 +1,6 @@
 """djb's stub resolver, as tcpserver uses it: PTR names for TCPLOCALHOST/TCPREMOTEHOST, A records for -p.
 
-Behaviour follows djbdns's dns_resolve/dns_transmit (spec 6.8, 9 item 16): servers from
+Behaviour follows djbdns's dns_resolve/dns_transmit (docs/behaviour.md §6.8, 9 item 16): servers from
 $DNSCACHEIP or /etc/resolv.conf (never /etc/hosts), UDP rounds of 3, 11 and 45 s over every server
 (dns_transmit's 1 s round is skipped for recursive queries), TCP when a reply is truncated.
 dnspython builds the queries and decodes names; the transport is plain non-blocking sockets on
@@ -60,7 +60,7 @@ class _Malformed(ValueError):
 
 
 def printable_name(labels: Sequence[bytes]) -> bytes:
-    """A domain name as tcpserver shows it (dns_domain_todot_cat, spec 6.8).
+    """A domain name as tcpserver shows it (dns_domain_todot_cat, docs/behaviour.md §6.8).
 
     labels: the name's labels without the empty root label. Lower-cased; every byte other than
     a-z 0-9 - _ becomes a backslash and three octal digits; no trailing dot; the root is ".".
@@ -344,7 +344,7 @@ class StubResolver:
         return cls(servers, timeouts=timeouts, tcp_timeout=tcp_timeout, port=port)
 
     async def name_of(self, ip: str) -> bytes | None:
-        """The first PTR name of ip in printable form (spec 6.8), or None: no answer, no name, or failure.
+        """The first PTR name of ip in printable form (docs/behaviour.md §6.8), or None: no answer, no name, or failure.
 
         A PTR to the root comes back as b".", which tcpserver, like the original, treats as a name.
         """
