@@ -1,4 +1,4 @@
-"""The RFC 1413 ident lookup behind TCPREMOTEINFO (tcpserver -r), as remoteinfo.c does it (spec 6.9).
+"""The RFC 1413 ident lookup behind TCPREMOTEINFO (tcpserver -r), as remoteinfo.c does it (docs/behaviour.md §6.9).
 
 No dnspython here: tcpserver imports this module for every -r connection.
 """
@@ -15,7 +15,7 @@ IDENT_PORT = 113
 # remoteinfo.c stops collecting once the value is longer than 256 bytes: at most 257 are kept.
 MAX_INFO_LENGTH = 256
 
-# Bytes remoteinfo.c drops wherever they appear in the reply (spec 9, item 10).
+# Bytes remoteinfo.c drops wherever they appear in the reply (docs/behaviour.md §9, item 10).
 _DROPPED = b" \t\r"
 
 # One read's worth; the original reads through a 128-byte buffer, the size only affects speed.
@@ -71,7 +71,7 @@ def _family(ip: str) -> socket.AddressFamily:
 async def remote_info(local_ip: str, local_port: int, remote_ip: str, remote_port: int, timeout: float) -> bytes | None:
     """Ask the client's identd who owns remote_port; None when the exchange fails or times out.
 
-    The one deadline covers connect, send and receive together (spec 6.9). It starts once the
+    The one deadline covers connect, send and receive together (docs/behaviour.md §6.9). It starts once the
     socket exists: the original's child never waits for a descriptor, ours may (descriptors.py),
     and that wait must not eat the identd's time. Never raises on network faults and never blocks
     the event loop.
