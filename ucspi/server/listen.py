@@ -1,4 +1,4 @@
-"""The listening socket: host and port resolution, bind, listen, privilege drop (spec 6.3, 6.4)."""
+"""The listening socket: host and port resolution, bind, listen, privilege drop (docs/behaviour.md §6.3, 6.4)."""
 
 from __future__ import annotations
 
@@ -51,11 +51,11 @@ ALL_IPV4_ADDRESSES = "0.0.0.0"
 
 
 def resolve_host(host: str, ipv4_only: bool = False) -> str:
-    """The address to bind: 0.0.0.0 for `0` and the empty string (spec 6.3), else an IP.
+    """The address to bind: 0.0.0.0 for `0` and the empty string (docs/behaviour.md §6.3), else an IP.
 
     `0` is IPv4 alone, as in 0.88: where localhost is ::1 first, a local client is refused over
     IPv6 and falls back to 127.0.0.1, where the rules for local clients are. `::` listens on
-    both (differences item 3). Literal addresses are parsed as strictly as the original (IPv6
+    both (README, differences item 3). Literal addresses are parsed as strictly as the original (IPv6
     ones as inet_pton does); names go through the system resolver, so /etc/hosts is honoured,
     IPv4 first as 0.88 looks up A records only, IPv6 when a name has no IPv4 address (-4: never).
     """
