@@ -1,4 +1,4 @@
-"""The accept loop: the -c slots, accepting, signals, and the faults no connection owns (spec 6.5).
+"""The accept loop: the -c slots, accepting, signals, and the faults no connection owns (docs/behaviour.md §6.5).
 
 Everything runs on one uvloop loop, but for posix_spawn calls made from worker threads under
 load (children.py). Each accepted client becomes a Connection (connection.py), which holds a
