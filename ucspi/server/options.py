@@ -1,7 +1,7 @@
-"""tcpserver's options: one table feeds the parser, `--help` and the README (spec 6.1, 6.2).
+"""tcpserver's options: one table feeds the parser, `--help` and the README (docs/behaviour.md §6.1, 6.2).
 
 0.88's letters keep 0.88's lenient number scan (apply_options). Options that 0.88 lacks are rows
-with a `parse` (differences item 11): long ones are `--name=value` before the host, and a value
+with a `parse` (README, differences item 11): long ones are `--name=value` before the host, and a value
 their parser refuses is a usage error, exit 100. A new feature adds a row, a ServerOptions field
 and, if no validator below fits, one more validator.
 """
@@ -18,7 +18,7 @@ from ucspi.errors import EXIT_PERMANENT
 from ucspi.numbers import scan_ulong
 from ucspi.server.limits import LimitOption, parse_per_ip, parse_per_net
 
-# The usage line of Debian's IPv6 build, whose options we have (differences item 6).
+# The usage line of Debian's IPv6 build, whose options we have (README, differences item 6).
 USAGE = (
     "tcpserver: usage: tcpserver [ -461UXpPhHrRoOdDqQv ] [ -c limit ] [ -x rules.cdb ] [ -B banner ]"
     " [ -g gid ] [ -u uid ] [ -b backlog ] [ -l localname ] [ -t timeout ] [ -I interface ]"
@@ -336,7 +336,7 @@ def apply_options(
             case "b":
                 options.backlog = scan_ulong(value)
             case "o" | "O":
-                pass  # -O's setsockopt is IP_TOS with no value on Linux: a no-op (spec 6.2)
+                pass  # -O's setsockopt is IP_TOS with no value on Linux: a no-op (docs/behaviour.md §6.2)
             case "d":
                 options.no_delay = False
             case "D":
