@@ -1,6 +1,6 @@
-"""The PROXY header parser, pure: bytes in, a header or the reason out (next-features §2).
+"""The PROXY header parser, pure: bytes in, a header or the reason out.
 
-The v1 and v2 headers below are HAProxy 2.6's own, as captured (next-features §2.6).
+The v1 and v2 headers below are HAProxy 2.6's own, as captured.
 """
 
 from __future__ import annotations
