@@ -75,9 +75,12 @@ def _as_nobody(argv: Sequence[str | os.PathLike[str]]) -> subprocess.CompletedPr
     )
 
 
-def _nobody_runs(launcher: Path) -> subprocess.CompletedProcess[bytes]:
-    """The launcher with no arguments, as nobody: a usage line and exit 100 when it can run."""
-    return _as_nobody([launcher])
+def _nobody_runs(launcher: Path) -> bool:
+    """The launcher with no arguments, as nobody, gives its usage line and exit 100."""
+    try:
+        return _as_nobody([launcher]).returncode == 100
+    except OSError:  # nobody cannot even reach it (a checkout under a 0700 directory)
+        return False
 
 
 def _distribution_closure(name: str) -> list[metadata.Distribution]:
@@ -128,7 +131,7 @@ def _bin_for_nobody() -> Path | str:
     """Where nobody can run our tcprules and tcprulescheck, or why nowhere (a skip reason)."""
     if os.geteuid() != 0:
         return "running a command as nobody needs root"
-    if _nobody_runs(OUR_BIN / "tcprules").returncode == 100:
+    if _nobody_runs(OUR_BIN / "tcprules"):
         return OUR_BIN  # this checkout and its Python are readable by everyone
     # A clone under a 0700 directory (/root, mktemp -d), or a Python only root can read.
     if not os.access(SYSTEM_PYTHON, os.X_OK):
@@ -148,9 +151,9 @@ def _bin_for_nobody() -> Path | str:
         copy = _copy_for_nobody(scratch)
     except (OSError, subprocess.CalledProcessError) as error:
         return f"nobody cannot reach this checkout or its Python, and copying it for nobody failed: {error}"
-    result = _nobody_runs(copy / "tcprules")
-    if result.returncode != 100:
-        return f"a copy of our commands under {SYSTEM_PYTHON} does not run as nobody: {result.stderr[-500:]!r}"
+    if not _nobody_runs(copy / "tcprules"):
+        stderr = _as_nobody([copy / "tcprules"]).stderr[-500:]
+        return f"a copy of our commands under {SYSTEM_PYTHON} does not run as nobody: {stderr!r}"
     return copy
 
 
