@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,3 +84,26 @@ def test_install_then_uninstall(prefix: Path) -> None:
     assert sorted(path.name for path in (prefix / "bin").iterdir()) == ["other", "recordio"]
     assert [path.name for path in (prefix / "share" / "man" / "man1").iterdir()] == ["recordio.1"]
     assert not library.exists()
+
+
+def _readable_by_others(path: str) -> bool:
+    path = os.path.realpath(path)
+    if not os.stat(path).st_mode & 0o004:
+        return False
+    while path != "/":
+        path = os.path.dirname(path)
+        if not os.stat(path).st_mode & 0o001:
+            return False
+    return True
+
+
+@pytest.mark.skipif(
+    _readable_by_others(sys._base_executable), reason="this virtualenv's Python is readable by everyone"
+)
+def test_install_warns_when_others_cannot_run_its_python(prefix: Path) -> None:
+    """The virtualenv's own Python (a pyenv under /root here): installed, but only for its owner."""
+    installed = make("install", f"PREFIX={prefix}", f"PYTHON={sys._base_executable}")
+    assert installed.returncode == 0, installed.stderr
+    assert "cannot be run by other users" in installed.stderr
+    assert "PYTHON=/usr/bin/python3" in installed.stderr
+    assert make("uninstall", f"PREFIX={prefix}").returncode == 0
