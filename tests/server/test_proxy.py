@@ -129,7 +129,7 @@ def haproxy(directory: Path, backends: Sequence[str]) -> Iterator[tuple[str, lis
     config = directory / "haproxy.cfg"
     config.write_text(
         "global\n    log stderr format raw local0 info\n    nbthread 1\n    user nobody\n    group nogroup\n"
-        # HAProxy 2.6's built-in HTTP client asks resolv.conf's nameserver otherwise (next-features §2.6).
+        # HAProxy 2.6's built-in HTTP client asks resolv.conf's nameserver otherwise.
         "resolvers default\n    nameserver lo 127.0.0.1:53\n"
         "defaults\n    mode tcp\n    log global\n    timeout connect 2s\n    timeout client 5s\n"
         "    timeout server 5s\n" + "".join(sections)
