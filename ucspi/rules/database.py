@@ -1,4 +1,4 @@
-"""The compiled rules file as readers use it: a cdb looked up with the shared order (spec 5).
+"""The compiled rules file as readers use it: a cdb looked up with the shared order (docs/behaviour.md §5).
 
 The original reopens the cdb for every connection. RulesFile keeps it and reopens it when a
 stat shows another file or a changed one (inode, size, mtime, ctime: tcprules renames a new file
