@@ -1,4 +1,4 @@
-"""tcpserver's log: typed events in, lines on fd 2 out (spec 6.10).
+"""tcpserver's log: typed events in, lines on fd 2 out (docs/behaviour.md §6.10).
 
 The server and its connections emit events (a status change, a client served, denied or
 dropped, a program's end, a warning, a fatal error) with their fields; a formatter turns each
