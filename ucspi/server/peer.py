@@ -1,4 +1,4 @@
-"""The facts about one connection: addresses, host names, ident (spec 6.6 steps 5-10).
+"""The facts about one connection: addresses, host names, ident (docs/behaviour.md §6.6 steps 5-10).
 
 Lookups run on the event loop, together, so a slow DNS server or identd delays only its own
 client. The DNS library is imported only when an option needs it.
