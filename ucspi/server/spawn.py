@@ -1,4 +1,4 @@
-"""The program's environment and its start with posix_spawn (spec 6.6, 6.7).
+"""The program's environment and its start with posix_spawn (docs/behaviour.md §6.6, 6.7).
 
 posix_spawn is called through ctypes, not os.posix_spawn: ctypes releases the GIL while the
 vfork'd child execs, and takes the environment as a raw array, so it can pass what the original
@@ -63,7 +63,7 @@ def first_values(entries: list[bytes]) -> dict[bytes, bytes]:
 
 
 def _ipv4_variables(peer: Peer) -> list[tuple[bytes, bytes | None]]:
-    """The 0.88 variables in the original's order (spec 6.7); None removes a variable."""
+    """The 0.88 variables in the original's order (docs/behaviour.md §6.7); None removes a variable."""
     return [
         (b"PROTO", b"TCP"),
         (b"TCPLOCALIP", peer.local_ip),
