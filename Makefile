@@ -40,6 +40,7 @@ demo: $(STAMP)
 # then BENCH_ARGS: see bench/run.py --help (--baseline=COMMIT adds that commit's server).
 bench: $(STAMP)
 	$(VPY) bench/startup.py
+	$(VPY) bench/tcpclient_startup.py
 	$(VPY) bench/run.py $(BENCH_ARGS)
 
 # 10,000 connections from 200 clients against -c 100 -b 256; checks and prints its figures (~15 s).

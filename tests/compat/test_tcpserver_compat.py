@@ -10,6 +10,7 @@ Items 3, 4 and 7 (host names, --help, a directory or empty cdb) are simply not r
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -99,6 +100,9 @@ def test_environment(scenario: Scenario, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- rules, log, processes
 
+# Changing ids (-u, -g, -U) is root's: run by another user, both servers only say "permission denied".
+_NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="-u/-g/-U change ids, which needs root")
+
 OTHER_SCENARIOS = [
     pytest.param(lambda i, d, _: scenarios.deny_with_banner(i, d), id="deny-banner"),
     pytest.param(lambda i, d, _: scenarios.banner_then_program(i), id="banner"),
@@ -111,10 +115,13 @@ OTHER_SCENARIOS = [
     pytest.param(lambda i, d, _: scenarios.program_missing(i, "nonexistentprogram"), id="program-not-on-path"),
     pytest.param(lambda i, d, _: scenarios.wait_statuses(i, ["0", "3", "100", "SEGV", "KILL"]), id="wait-statuses"),
     pytest.param(lambda i, d, _: scenarios.concurrency_limit(i, d, 2, 6), id="limit"),
-    pytest.param(lambda i, d, _: scenarios.user_and_groups(i, ["-u65534", "-g65534"]), id="user-group"),
+    pytest.param(
+        lambda i, d, _: scenarios.user_and_groups(i, ["-u65534", "-g65534"]), id="user-group", marks=_NEEDS_ROOT
+    ),
     pytest.param(
         lambda i, d, _: scenarios.user_and_groups(i, ["-U"], plain_environment({b"UID": b"65534", b"GID": b"65534"})),
         id="user-group-U",
+        marks=_NEEDS_ROOT,
     ),
     pytest.param(lambda i, d, _: scenarios.stdout_after_port(i), id="stdout-closed"),
     pytest.param(lambda i, d, _: scenarios.terminate_while_serving(i), id="sigterm"),

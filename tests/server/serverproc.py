@@ -136,9 +136,12 @@ class ServerProcess:
             raise
         finally:
             self._reader.join(0.5)
-            for stream in (self.process.stdout, self.process.stderr):
-                if stream is not None:
-                    stream.close()
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+            # Programs still running hold the log pipe: closing it under the reader thread would
+            # wait for them (a buffered read holds the stream's lock). The thread ends at EOF.
+            if self.process.stderr is not None and not self._reader.is_alive():
+                self.process.stderr.close()
 
     def __enter__(self) -> ServerProcess:
         return self
