@@ -4,9 +4,9 @@ The reaper reaps only what a spawn registered. glibc's posix_spawn reaps its own
 the exec fails; a waitpid(-1) running meanwhile could take that child first, and the pid would
 later name someone else's program. So the reaper looks at each ended child first (waitid with
 WNOWAIT) and reaps it only when its pid was registered, under the same lock, by the spawn that
-made it. A child nobody registered while a spawn is in flight stops the round: the last spawn
-to finish schedules it again, and spawns that would start meanwhile wait for it. The loop
-never waits for a spawn, and without exec failures no round waits at all.
+made it. A child nobody registered while a spawn is in flight stops the round: it belongs to a
+spawn still in flight (its pid not registered yet, or glibc's failed child), and that spawn,
+once over, runs the round again. Nothing ever waits: not the loop, not the spawns.
 """
 
 from __future__ import annotations
@@ -50,10 +50,7 @@ class Children:
         self._on_error = on_error  # a fault no connection owns: said, and the server goes on
         self._on_change = on_change  # a spawn thread became free: accepting may resume
         self._running: dict[int, Connection] = {}
-        # The pid table's lock, taken as a plain lock on the hot paths; the condition, on the same
-        # lock, is for spawns that wait for a pending reap.
-        self._table = threading.Lock()
-        self._reaped = threading.Condition(self._table)
+        self._table = threading.Lock()  # the pid table and the count of spawns in flight
         self._spawning = 0  # posix_spawn calls in flight, inline or in threads
         self._reap_wanted = False
         self._reap_scheduled = False
@@ -79,20 +76,14 @@ class Children:
         """Spawn the connection's program; the outcome comes back through connection.spawn_answered."""
         if self.alone and not self.waiting:
             # A client that came alone: a thread would only add two wakeups to its latency.
-            pid, failure = self._spawn(connection, environment, wait=False)
+            pid, failure = self._spawn(connection, environment)
             connection.spawn_answered(pid, failure)
             return
         self.waiting += 1
         self._jobs.put((connection, environment))
 
-    def _spawn(
-        self, connection: Connection, environment: Sequence[bytes], wait: bool
-    ) -> tuple[int, BaseException | None]:
+    def _spawn(self, connection: Connection, environment: Sequence[bytes]) -> tuple[int, BaseException | None]:
         with self._table:
-            # A reap is waiting for the spawns in flight to end: let it go first (threads only;
-            # inline spawns run on the loop, which does the reaping, when no thread spawns).
-            while wait and self._reap_wanted:
-                self._reaped.wait()
             self._spawning += 1
         pid, failure = 0, None
         try:
@@ -107,7 +98,9 @@ class Children:
                         self._running[pid] = connection
                 finally:
                     self._spawning -= 1
-                take_over_reap = self._reap_wanted and not self._spawning
+                # A reap stopped at a child nobody had registered: this spawn may have been the
+                # one it waited for (its pid is registered now, or glibc has reaped its child).
+                take_over_reap = self._reap_wanted
         if take_over_reap:
             self._schedule_reap()
         return pid, failure
@@ -134,7 +127,7 @@ class Children:
         while True:
             connection, environment = self._jobs.get()
             try:
-                pid, failure = self._spawn(connection, environment, wait=True)
+                pid, failure = self._spawn(connection, environment)
             except BaseException as error:  # the connection must hear back, whatever happened
                 pid, failure = connection.pid, error
             self._loop.call_soon_threadsafe(self._answer, connection, pid, failure)
@@ -164,11 +157,9 @@ class Children:
     def reap(self) -> None:
         """Every program that has ended, each handed to its connection (on the loop).
 
-        Each ended child is looked at first (WNOWAIT) and reaped only if a spawn registered it.
-        One that nobody registered while a spawn is in flight is glibc's failed child (glibc
-        reaps it) or a program not registered yet: the round stops there, the last spawn in
-        flight runs it again, and new spawns wait for that. Older children come first, so the
-        ones ahead of it are reaped at once; without exec failures no round ever waits.
+        With no spawn in flight, waitpid(-1). Otherwise each ended child is looked at first
+        (WNOWAIT) and reaped only if a spawn registered it; one nobody registered stops the
+        round, and the spawn it belongs to runs the round again when it is over.
         """
         self._reap_scheduled = False  # a SIGCHLD from now on schedules another round
         ended: list[tuple[Connection, int]] = []
@@ -203,7 +194,5 @@ class Children:
                     break
                 if connection is not None:
                     ended.append((connection, wait_status))
-            if not self._reap_wanted:
-                self._reaped.notify_all()
         for connection, wait_status in ended:
             connection.reaped(wait_status)
