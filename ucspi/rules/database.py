@@ -23,7 +23,6 @@ import errno
 import os
 import stat
 import time
-from dataclasses import dataclass
 
 import cdbx
 
@@ -98,11 +97,13 @@ def _reader(fd: int, size: int) -> cdbx.CDB:
     return copy
 
 
-@dataclass(frozen=True)
 class _Failure:
-    identity: Identity
-    until: float
-    error: OSError
+    __slots__ = ("error", "identity", "until")
+
+    def __init__(self, identity: Identity, until: float, error: OSError) -> None:
+        self.identity = identity
+        self.until = until
+        self.error = error
 
     def raise_again(self) -> None:
         # A new exception each time: one raised again and again would chain its tracebacks.

@@ -7,8 +7,8 @@ INFO@IP, INFO@=HOST, IP, =HOST, IP prefixes, CIDR keys, =HOST suffixes, =, the e
 
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from ucspi.address import (
     IPV4_CIDR_MARKER,
@@ -28,14 +28,15 @@ from ucspi.rules.cidr import CIDR_LENGTHS_KEY, NO_CIDR, CidrLengths, decode_cidr
 RecordGetter = Callable[[bytes], "bytes | None"]
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(namedtuple("_DecisionFields", "key data cidr", defaults=(b"", False))):
     """The matching rule: its key and raw record data; key None means no rule matched; cidr
-    True when the key is a CIDR key (tcprulescheck shows it as a network)."""
+    True when the key is a CIDR key (tcprulescheck shows it as a network). A named tuple, not a
+    dataclass: importing dataclasses would cost every tcprulescheck run a third of its start."""
 
+    __slots__ = ()
     key: bytes | None
-    data: bytes = b""
-    cidr: bool = False
+    data: bytes
+    cidr: bool
 
     def chunks(self) -> Iterator[bytes]:
         """The NUL-terminated chunks of the data; a trailing chunk without NUL is ignored."""
