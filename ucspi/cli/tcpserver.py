@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ucspi.cli.getopt import GetoptError, getopt
 from ucspi.errors import EXIT_PERMANENT, EXIT_TEMPORARY, Fatal
@@ -128,10 +129,17 @@ def _close_stdin_stdout() -> None:
     os.close(null_fd)
 
 
+# Set by serve() once $NOTIFY_SOCKET is connected: STOPPING=1 before the TERM exit.
+_before_sigterm_exit: Callable[[], None] | None = None
+
+
 def _wait_for_sigterm() -> None:
     # Every other signal goes to the main thread, as before this thread existed.
     signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     signal.sigwait({signal.SIGTERM})
+    if _before_sigterm_exit is not None:
+        with contextlib.suppress(Exception):
+            _before_sigterm_exit()
     os._exit(0)
 
 
@@ -200,9 +208,32 @@ def _proxy_option_without_proxy_from(options: ServerOptions) -> str | None:
     return next((spelling for spelling, present in given.items() if present), None)
 
 
+def _listeners(options: ServerOptions, host: str, port: int, environ: dict[bytes, bytes]) -> list[socket.socket]:
+    """s6's fd 0 (--inherit=stdin), systemd's sockets when LISTEN_PID is ours, else one bound here.
+
+    Inherited sockets are the supervisor's: -b, -4's binding and -I do not apply to them.
+    """
+    from ucspi.server.listen import (
+        bind_listener,
+        matching_listeners,
+        resolve_host,
+        stdin_listener,
+        systemd_listeners,
+    )
+
+    if options.inherit == "stdin":
+        return matching_listeners([stdin_listener()], host, port)
+    inherited = systemd_listeners(environ, os.getpid())
+    if inherited is not None:
+        return matching_listeners(inherited, host, port)
+    local_ip = resolve_host(host, options.ipv4_only)
+    return [bind_listener(local_ip, port, options.backlog, options.ipv4_only, options.interface)]
+
+
 def serve(options: ServerOptions, operands: list[str], log: Log, initial_environment: list[bytes]) -> None:
+    global _before_sigterm_exit
     _exit_0_on_sigterm()
-    from ucspi.server.listen import bind_listener, drop_privileges, resolve_host, resolve_port
+    from ucspi.server.listen import drop_privileges, resolve_port
 
     if not operands:
         _usage_and_exit(bool(options.verbosity))
@@ -218,26 +249,33 @@ def serve(options: ServerOptions, operands: list[str], log: Log, initial_environ
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+    from ucspi.server.log import Warned
     from ucspi.server.loop import Server
+    from ucspi.server.notify import notifier_from
     from ucspi.server.peer import PeerFacts
     from ucspi.server.spawn import Environment, Spawner
 
-    local_ip = resolve_host(host, options.ipv4_only)
-    listener = bind_listener(local_ip, port, options.backlog, options.ipv4_only, options.interface)
     # Looked up as getenv does: the first entry of a name wins.
     environ = first_values(initial_environment)
+    listeners = _listeners(options, host, port, environ)
+    # Connected before -u/-g: the socket's path may be writable by root alone.
+    notifier, notify_error = notifier_from(environ.get(b"NOTIFY_SOCKET"))
+    if notify_error is not None:
+        log.emit(Warned(b"unable to connect to NOTIFY_SOCKET: " + notify_error.encode()))
+    if notifier is not None:
+        _before_sigterm_exit = notifier.stopping
     # Made before the ids change (docs/behaviour.md §6.4 step 5), so that every module the lookups need is
     # imported while the installed package is surely readable.
     facts = PeerFacts(options, environ)
     drop_privileges(options.uid, options.gid)
     if options.print_port:
         try:
-            os.write(1, b"%d\n" % listener.getsockname()[1])
+            os.write(1, b"%d\n" % listeners[0].getsockname()[1])
         except OSError:
             pass
     _close_stdin_stdout()
     spawner = Spawner(program, environ.get(b"PATH"))
-    server = Server(options, listener, spawner, Environment(initial_environment), facts, log)
+    server = Server(options, listeners, spawner, Environment(initial_environment), facts, log, notifier)
     try:
         server.run()
     except Fatal:

@@ -47,10 +47,23 @@ class Drop(Exception):
 
 
 class Connection:
-    __slots__ = ("_early_end", "_fd_open", "_spawn_pending", "fd", "peer", "pid", "remote", "server", "slot", "ticket")
+    __slots__ = (
+        "_early_end",
+        "_fd_open",
+        "_spawn_pending",
+        "fd",
+        "fixed_local",
+        "peer",
+        "pid",
+        "remote",
+        "server",
+        "slot",
+        "ticket",
+    )
 
-    def __init__(self, server: Server, fd: int, remote: tuple, slot: Slot) -> None:
+    def __init__(self, server: Server, fd: int, remote: tuple, slot: Slot, fixed_local: tuple | None = None) -> None:
         self.server = server
+        self.fixed_local = fixed_local  # its listener's address, unless that is a wildcard
         self.fd = fd
         self.remote = remote
         self.slot = slot
@@ -170,7 +183,7 @@ class Connection:
                 raise Drop(b"unable to print banner: " + error_text(error).encode()) from None
 
     def _local_address(self) -> tuple:
-        local = self.server.fixed_local
+        local = self.fixed_local
         if local is not None:
             return local
         try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import fcntl
+import ipaddress
 import os
 import socket
 
@@ -156,3 +158,100 @@ def drop_privileges(uid: int, gid: int) -> None:
             os.setuid(uid)
         except (OSError, OverflowError) as error:
             raise _fatal("unable to set uid", error if isinstance(error, OSError) else errno.EINVAL) from None
+
+
+# ---- listeners a supervisor hands over (README, Supervisors; differences item 12)
+
+# systemd's first passed descriptor (sd_listen_fds(3): SD_LISTEN_FDS_START).
+LISTEN_FDS_START = 3
+
+
+def _endpoint_text(address: tuple) -> str:
+    return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
+
+
+def _inherited_listener(fd: int, origin: str) -> socket.socket:
+    """fd as a listening TCP socket of either family, non-blocking and never passed to a program.
+
+    Anything else is fatal: serving a datagram or connected socket as a listener would fail
+    with every client instead of once at start.
+    """
+    described = f"fd {fd} from {origin}"
+    try:
+        os.fstat(fd)
+    except OSError as error:
+        raise _fatal("unable to use " + described, error) from None
+    try:
+        listener = socket.socket(fileno=fd)
+    except OSError:
+        raise _fatal(described + " is not a listening TCP socket") from None
+    try:
+        is_tcp = (
+            listener.family in (socket.AF_INET, socket.AF_INET6)
+            and listener.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_STREAM
+            and listener.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == socket.IPPROTO_TCP
+            and listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        )
+        listener.getsockname()
+    except OSError:
+        listener.detach()
+        raise _fatal(described + " is not a listening TCP socket") from None
+    if not is_tcp:
+        listener.detach()
+        raise _fatal(described + " is not a listening TCP socket")
+    # systemd passes them blocking and inheritable: the loop needs the one, programs must not get the other.
+    listener.set_inheritable(False)
+    listener.setblocking(False)
+    return listener
+
+
+def systemd_listeners(environ: dict[bytes, bytes], pid: int) -> list[socket.socket] | None:
+    """The sockets of systemd's socket activation, or None when they are not meant for us.
+
+    As sd_listen_fds: only when LISTEN_PID is our pid (a variable inherited from further up
+    names another process) and LISTEN_FDS is at least 1.
+    """
+    if environ.get(b"LISTEN_PID") != b"%d" % pid:
+        return None
+    count_text = environ.get(b"LISTEN_FDS", b"")
+    if not count_text.isdigit() or len(count_text) > 6 or int(count_text) < 1:
+        return None
+    return [_inherited_listener(fd, "LISTEN_FDS") for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + int(count_text))]
+
+
+def stdin_listener() -> socket.socket:
+    """--inherit=stdin: s6's pre-bound socket on fd 0, moved to a descriptor of its own.
+
+    0.88 puts /dev/null on fd 0 after start-up; the socket must live elsewhere by then.
+    """
+    _inherited_listener(0, "stdin").detach()  # checked on fd 0, then moved
+    try:
+        moved = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, LISTEN_FDS_START)
+    except OSError as error:
+        raise _fatal("unable to move stdin", error) from None
+    return socket.socket(fileno=moved)
+
+
+def _same_address(wanted: str, actual: str) -> bool:
+    try:
+        return ipaddress.ip_address(wanted.partition("%")[0]) == ipaddress.ip_address(actual.partition("%")[0])
+    except ValueError:
+        return False
+
+
+def matching_listeners(
+    listeners: list[socket.socket], host: str, port: int, ipv4_only: bool = False
+) -> list[socket.socket]:
+    """The inherited sockets the `host port` arguments name: `0 0` takes all, else each must match.
+
+    Host `0` is 0.0.0.0 and `::` is [::], as when binding; port 0 matches any port. An inherited
+    socket the arguments do not name is fatal: it would otherwise be held and never served.
+    """
+    if host in ("", "0") and port == 0:
+        return listeners
+    wanted_ip = resolve_host(host, ipv4_only)
+    for listener in listeners:
+        address = listener.getsockname()
+        if not _same_address(wanted_ip, address[0]) or (port and address[1] != port):
+            raise _fatal(f"inherited socket {_endpoint_text(address)} does not match {host} {port}")
+    return listeners

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Sequence
 
 # Imported before -u/-g take effect: the installed package may not be readable afterwards.
 import uvloop
@@ -26,6 +27,7 @@ from ucspi.server.connection import Connection, start_eagerly
 from ucspi.server.descriptors import DESCRIPTORS
 from ucspi.server.limits import Limits
 from ucspi.server.log import Fatal, Log, Warned, sanitize
+from ucspi.server.notify import Notifier
 from ucspi.server.options import ServerOptions
 from ucspi.server.peer import PeerFacts
 from ucspi.server.spawn import Environment, Spawner, first_values
@@ -35,6 +37,15 @@ _ACCEPT_BATCH = 32
 # Out of descriptors or memory: stop accepting for a moment instead of spinning.
 _ACCEPT_BACKOFF_SECONDS = 0.1
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _fixed_local(bound: tuple) -> tuple | None:
+    """A listener's address when every connection's local end is it; None for a wildcard."""
+    return None if bound[0] in ("0.0.0.0", "::") else bound
+
+
+def _endpoint_text(address: tuple) -> str:
+    return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
 
 
 class Slot:
@@ -56,15 +67,18 @@ class Server:
     def __init__(
         self,
         options: ServerOptions,
-        listener: socket.socket,
+        listeners: Sequence[socket.socket],
         spawner: Spawner,
         environment: Environment,
         facts: PeerFacts,
         log: Log,
+        notifier: Notifier | None = None,
     ) -> None:
         self.options = options
         self.limit = options.limit
-        self.listener = listener
+        self.listeners = list(listeners)
+        self.listener = self.listeners[0]
+        self.notifier = notifier
         self.spawner = spawner
         self.environment = environment
         self.facts = facts
@@ -73,9 +87,8 @@ class Server:
         # The start-up environment as getenv sees it: MAXCONNIP, MAXCONIP, MAXCONNC, DIEMSG.
         self.limits = Limits.configured(options.max_per_ip, options.max_per_net, first_values(environment.initial))
         self.slots_taken = 0
-        # Bound to one address, every connection's local end is the listener's: no getsockname.
-        bound = listener.getsockname()
-        self.fixed_local: tuple | None = None if bound[0] in ("0.0.0.0", "::") else bound
+        # Bound to one address, every connection's local end is its listener's: no getsockname.
+        self._readers = [(listener, _fixed_local(listener.getsockname())) for listener in self.listeners]
         self.pid = os.getpid()
         self._accepting = False
         self._backing_off = False
@@ -98,6 +111,10 @@ class Server:
         # Written once the loop holds its own descriptors, so nothing can fail after it but clients.
         self.log.status(0, self.limit)
         self._resume()
+        if self.notifier is not None:
+            # Listening, and -u/-g already applied (cli/tcpserver.py): what READY=1 promises.
+            endpoints = [_endpoint_text(listener.getsockname()) for listener in self.listeners]
+            self.notifier.ready(endpoints, self.slots_taken, self.limit, loop)
         loop.run_forever()
 
     def die(self, text: bytes) -> None:
@@ -115,19 +132,21 @@ class Server:
 
     def _resume(self) -> None:
         if not self._accepting and self._can_accept():
-            self.loop.add_reader(self.listener.fileno(), self._accept_clients)
+            for listener, fixed_local in self._readers:
+                self.loop.add_reader(listener.fileno(), self._accept_clients, listener, fixed_local)
             self._accepting = True
 
     def _pause(self) -> None:
         if self._accepting:
-            self.loop.remove_reader(self.listener.fileno())
+            for listener, _ in self._readers:
+                self.loop.remove_reader(listener.fileno())
             self._accepting = False
 
     def _end_backoff(self) -> None:
         self._backing_off = False
         self._resume()
 
-    def _accept_clients(self) -> None:
+    def _accept_clients(self, listener: socket.socket, fixed_local: tuple | None) -> None:
         # Everything waiting is accepted first: a client found alone may be spawned inline.
         accepted = []
         for _ in range(_ACCEPT_BATCH):
@@ -136,7 +155,7 @@ class Server:
                 break
             try:
                 # The raw descriptor: a socket object would cost a getsockname (CPython checks the fd).
-                accepted.append(self.listener._accept())
+                accepted.append(listener._accept())
             except BlockingIOError:
                 break
             except OSError as error:
@@ -147,10 +166,12 @@ class Server:
                 break
             self.slots_taken += 1
             self.log.status(self.slots_taken, self.limit)
+            if self.notifier is not None:
+                self.notifier.status(self.slots_taken, self.limit)
         self.children.alone = len(accepted) == 1
         for index, (fd, remote) in enumerate(accepted):
             # Each connection owns its slot from here on; a fault while starting one drops only it.
-            connection = Connection(self, fd, remote, Slot(self))
+            connection = Connection(self, fd, remote, Slot(self), fixed_local)
             try:
                 start_eagerly(connection.run(), self.loop, self._tasks)
             except Exception as error:
@@ -162,6 +183,8 @@ class Server:
         self.slots_taken -= 1
         self._resume()
         self.log.status(self.slots_taken, self.limit)
+        if self.notifier is not None:
+            self.notifier.status(self.slots_taken, self.limit)
 
     def internal_error(self, error: BaseException | None) -> None:
         """A fault no connection owns: said in one line, and the loop goes on."""

@@ -137,6 +137,13 @@ LONG_OPTIONS: tuple[Option, ...] = (
         "with --proxy-from: ask the proxied client's identd too (off: it cannot know the balancer's connection)",
         field="proxy_ident",
     ),
+    Option(
+        "inherit",
+        "stdin",
+        "serve the listening socket on fd 0 (s6-tcpserver-socketbinder style) instead of binding",
+        field="inherit",
+        parse=lambda text: keyword(("stdin",))(text),
+    ),
 )
 
 FLAG_LETTERS = "".join(option.name for option in OPTION_TABLE if option.argument is None)
@@ -270,6 +277,7 @@ class ServerOptions:
     proxy_timeout: float | None = None  # seconds, 5 by default
     proxy_local: str | None = None  # serve (the default) or close
     proxy_ident: bool = False
+    inherit: str | None = None  # stdin: the listener is fd 0 (s6); None: bind, or systemd's sockets
     operands: list[str] = field(default_factory=list)
 
 

@@ -128,6 +128,16 @@ def tcp_variables(peer: Peer, relay: Relay | None = None) -> list[tuple[bytes, b
     return changes + _proxy_variables(relay)
 
 
+# systemd's hand-over to us alone (sd_listen_fds, sd_notify): a program that saw them could take
+# the listeners for its own or send READY=1/STOPPING=1 in our name (README, differences item 12).
+SUPERVISOR_VARIABLES = frozenset({b"LISTEN_PID", b"LISTEN_FDS", b"LISTEN_FDNAMES", b"LISTEN_PIDFDID", b"NOTIFY_SOCKET"})
+
+
+def without_supervisor_variables(entries: list[bytes]) -> list[bytes]:
+    """entries but those naming a SUPERVISOR_VARIABLES variable (every one, duplicates too)."""
+    return [entry for entry in entries if entry.partition(b"=")[0] not in SUPERVISOR_VARIABLES or b"=" not in entry]
+
+
 class Environment:
     """Applies tcpserver's changes to the initial environment as pathexec does.
 
@@ -140,7 +150,8 @@ class Environment:
     _PLAN_LIMIT = 1024
 
     def __init__(self, initial: list[bytes]) -> None:
-        self.initial = initial
+        # Filtered once here, not per client: a program never sees the supervisor's hand-over.
+        self.initial = without_supervisor_variables(initial)
         self._plans: dict[tuple[tuple[bytes, bool], ...], list[bytes | int]] = {}
 
     def _plan(self, shape: tuple[tuple[bytes, bool], ...]) -> list[bytes | int] | None:
