@@ -436,3 +436,20 @@ def test_the_program_gets_neither_the_notify_socket_nor_its_variable(tmp_path: P
             client.close()
         finally:
             server.stop()
+
+
+def test_a_program_gets_no_other_clients_descriptor() -> None:
+    """Two clients held at once: the second's program sees fds 0-2 only, not the first's socket
+    (a regression guard: accepted sockets are close-on-exec today)."""
+    server = start_server(OUR_SERVER.command, [], ["/usr/bin/python3", "-S", "-c", _REPORT + "os.read(0, 1)\n"])
+    try:
+        first = connect(server.port)
+        assert _parse_report(read_line(first) + read_line(first))["fds"] == ["0", "1", "2"]
+        second = connect(server.port)
+        assert _parse_report(read_line(second) + read_line(second)) == {"fds": ["0", "1", "2"], "vars": []}
+        for client in (first, second):
+            client.sendall(b"\n")
+            read_to_eof(client)
+            client.close()
+    finally:
+        server.stop()
