@@ -111,7 +111,7 @@ def test_row4_ident_answers_for_every_client_when_descriptors_run_short(implemen
     ):
         _short_of_descriptors(server)
         results = _clients_at_once(server.port, ip, CLIENTS)
-        assert _tally(results) == {repr(b"slowuser\n"): CLIENTS}
+        assert _tally(results) == {repr(b"slowuser\n"): CLIENTS}, (warnings(server), identd.errors)
         _check_server_whole(implementation, server)
     assert not identd.errors
 
@@ -129,7 +129,7 @@ def test_row5_ident_rules_allow_every_client_when_descriptors_run_short(
     ):
         _short_of_descriptors(server)
         results = _clients_at_once(server.port, ip, CLIENTS)
-        assert _tally(results) == {repr(b"allowed\n"): CLIENTS}
+        assert _tally(results) == {repr(b"allowed\n"): CLIENTS}, (warnings(server), identd.errors)
         _check_server_whole(implementation, server)
     assert not identd.errors
 
@@ -241,14 +241,14 @@ def test_dns_waits_for_a_descriptor_and_its_round_starts_with_the_socket() -> No
 
 @pytest.mark.parametrize("kind", ["ident", "dns"])
 def test_a_lookup_that_no_descriptor_can_reach_fails_instead_of_hanging(kind: str) -> None:
-    """Nothing is ever freed and none of the gate's sockets is open: after STUCK_SECONDS (0.25 s)
+    """Nothing is ever freed and none of the gate's sockets is open: after STUCK_SECONDS (1 s)
     the lookup fails as it did before the gate, and the gate is no longer starved."""
     ip = fresh_loopback()
     with FakeIdentd(ip, reply=IDENT_REPLY), FakeDNS(ip, ptr={"10.1.2.3": "never.example."}):
         outcome = _lookup_without_descriptors(ip, kind, free_after=0, stuck=0)
     result, seconds, starved, relieved, starved_at_end = outcome
     assert result is None
-    assert 0.25 <= seconds < 1.5
+    assert 1.0 <= seconds < 2.5
     assert starved == [True] and relieved and not starved_at_end
 
 

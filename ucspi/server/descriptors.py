@@ -31,7 +31,7 @@ _SHORTAGE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 # How long the head waiter sleeps when no release wakes it (a descriptor closed outside our sight).
 RETRY_SECONDS = 0.025
 # Waiting with none of our sockets open and no release meanwhile: nothing will come back.
-STUCK_SECONDS = 0.25
+STUCK_SECONDS = 1.0
 
 
 class DescriptorGate:
