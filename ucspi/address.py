@@ -12,8 +12,7 @@ the first n characters of the key of the whole address, which is what makes the 
 
 from __future__ import annotations
 
-import re
-import socket
+from _socket import AF_INET, AF_INET6, inet_pton  # not `socket` itself: tcprulescheck starts faster
 
 IPV4_CIDR_MARKER = b"_"
 IPV6_CIDR_MARKER = b"^"
@@ -26,13 +25,32 @@ _MAX_IPV6_TEXT = 45
 # An IPv4 octet as a rule writes it: decimal 0-255, no leading zero (inet_aton would read
 # 010 as octal, so a leading zero is ambiguous).
 _OCTET = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-# Full dotted quad, or ucspi-tcp6's short form: one to three octets and a final dot (`10./8`).
-_IPV4_CIDR_ADDRESS = re.compile(rb"(?:%s\.){3}%s|(?:%s\.){1,3}" % (_OCTET, _OCTET, _OCTET))
-_PREFIX_LENGTH = re.compile(rb"[1-9][0-9]{0,2}")
 _HEX_GROUP = rb"[0-9A-Fa-f]{1,4}"
-# A colon-terminated IPv6 prefix as the Debian IPv6 build matches it (docs/behaviour.md §8.1): whole groups,
-# each followed by `:`, with at most one `::`. (`A::` alone is also a full address, parsed first.)
-_IPV6_PREFIX = re.compile(rb"(?:%s:){1,7}|(?:%s(?::%s){0,6})?::(?:%s:){1,6}" % ((_HEX_GROUP,) * 4))
+
+
+class _Patterns:
+    """The rule-text patterns, compiled at first use: the lookup side never needs them, and
+    importing `re` would cost tcprulescheck's start about 5 ms."""
+
+    def __init__(self) -> None:
+        import re
+
+        # Full dotted quad, or ucspi-tcp6's short form: one to three octets and a final dot (`10./8`).
+        self.ipv4_cidr_address = re.compile(rb"(?:%s\.){3}%s|(?:%s\.){1,3}" % (_OCTET, _OCTET, _OCTET))
+        self.prefix_length = re.compile(rb"[1-9][0-9]{0,2}")
+        # A colon-terminated IPv6 prefix as the Debian IPv6 build matches it (docs/behaviour.md §8.1):
+        # whole groups, each followed by `:`, with at most one `::`. (`A::` alone is a full address.)
+        self.ipv6_prefix = re.compile(rb"(?:%s:){1,7}|(?:%s(?::%s){0,6})?::(?:%s:){1,6}" % ((_HEX_GROUP,) * 4))
+
+
+_patterns: _Patterns | None = None
+
+
+def _compiled() -> _Patterns:
+    global _patterns
+    if _patterns is None:
+        _patterns = _Patterns()
+    return _patterns
 
 
 def parse_ipv4(text: bytes) -> bytes | None:
@@ -41,7 +59,7 @@ def parse_ipv4(text: bytes) -> bytes | None:
         return None
     try:
         # glibc's inet_pton takes exactly four decimal octets and refuses leading zeros.
-        return socket.inet_pton(socket.AF_INET, text.decode("ascii"))
+        return inet_pton(AF_INET, text.decode("ascii"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
 
@@ -54,7 +72,7 @@ def parse_ipv6(text: bytes) -> bytes | None:
     if len(text) > _MAX_IPV6_TEXT or b":" not in text:
         return None
     try:
-        return socket.inet_pton(socket.AF_INET6, text.decode("ascii"))
+        return inet_pton(AF_INET6, text.decode("ascii"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
 
@@ -100,7 +118,7 @@ def normalise_ipv6_prefix(text: bytes) -> bytes | None:
     """A colon-terminated prefix (`2001:DB8:`) -> its groups as tcpserver prints them
     (`2001:db8:`), else None. Only whole groups: the lookup cuts the client's text at `:`.
     """
-    if len(text) > _MAX_IPV6_TEXT or _IPV6_PREFIX.fullmatch(text) is None:
+    if len(text) > _MAX_IPV6_TEXT or _compiled().ipv6_prefix.fullmatch(text) is None:
         return None
     head, double, tail = text.partition(b"::")
     parts = [b"%x" % int(group, 16) if group else b"" for group in head.split(b":")]
@@ -178,12 +196,12 @@ def parse_cidr(text: bytes) -> tuple[bytes, int]:
     10.0.0.0/8, and an access rule should say what it matches), anything else.
     """
     address, slash, length_text = text.rpartition(b"/")
-    if not slash or _PREFIX_LENGTH.fullmatch(length_text) is None:
+    if not slash or _compiled().prefix_length.fullmatch(length_text) is None:
         raise CidrError(text)
     length = int(length_text)
     if b":" in address:
         packed = parse_ipv6(address)
-    elif _IPV4_CIDR_ADDRESS.fullmatch(address) is not None:
+    elif _compiled().ipv4_cidr_address.fullmatch(address) is not None:
         octets = [int(octet) for octet in address.rstrip(b".").split(b".")]
         packed = bytes(octets + [0] * (4 - len(octets)))
     else:
