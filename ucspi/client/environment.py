@@ -10,28 +10,10 @@ import errno
 import os
 from collections.abc import Sequence
 
+from ucspi.environ import first_values, read_initial_environment  # noqa: F401 - re-exported
+
 # Unset PATH: pathexec_run's default.
 DEFAULT_PATH = b"/bin:/usr/bin"
-
-
-def read_initial_environment() -> list[bytes]:
-    """The environment block exactly as exec'd (duplicates, entries without `=`): os.environ merges them."""
-    try:
-        with open("/proc/self/environ", "rb") as environ_file:
-            block = environ_file.read()
-    except OSError:
-        return [name + b"=" + value for name, value in os.environb.items()]
-    return block.split(b"\x00")[:-1] if block else []
-
-
-def first_values(entries: Sequence[bytes]) -> dict[bytes, bytes]:
-    """NAME -> VALUE as getenv sees the entries: the first of a name wins."""
-    values: dict[bytes, bytes] = {}
-    for entry in entries:
-        name, equals, value = entry.partition(b"=")
-        if equals:
-            values.setdefault(name, value)
-    return values
 
 
 def apply_changes(initial: Sequence[bytes], changes: Sequence[tuple[bytes, bytes | None]]) -> list[bytes]:

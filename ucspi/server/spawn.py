@@ -15,6 +15,7 @@ import os
 import signal
 from collections.abc import Sequence
 
+from ucspi.environ import first_values, read_initial_environment  # noqa: F401 - re-exported
 from ucspi.server.peer import Peer, Relay
 from ucspi.server.proxy import TLV_VARIABLE_NAMES
 
@@ -36,30 +37,6 @@ _posix_spawn.argtypes = [
 ]
 _POSIX_SPAWN_SETSIGDEF = 0x04
 _POSIX_SPAWN_SETSIGMASK = 0x08
-
-
-def read_initial_environment() -> list[bytes]:
-    """The environment exactly as the server was started with it.
-
-    os.environ cannot give that back: Python adds LC_CTYPE under the C locale (PEP 538), merges
-    duplicate names and drops entries without `=`. The kernel's copy of the exec'd block can.
-    """
-    try:
-        with open("/proc/self/environ", "rb") as environ_file:
-            block = environ_file.read()
-    except OSError:
-        return [name + b"=" + value for name, value in os.environb.items()]
-    return block.split(b"\x00")[:-1] if block else []
-
-
-def first_values(entries: list[bytes]) -> dict[bytes, bytes]:
-    """NAME -> VALUE as getenv sees the entries: the first of a name wins, entries without `=` don't count."""
-    values: dict[bytes, bytes] = {}
-    for entry in entries:
-        name, equals, value = entry.partition(b"=")
-        if equals:
-            values.setdefault(name, value)
-    return values
 
 
 def _ipv4_variables(peer: Peer) -> list[tuple[bytes, bytes | None]]:

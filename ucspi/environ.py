@@ -1,0 +1,33 @@
+"""The environment block a command was exec'd with, read as getenv and pathexec see it.
+
+Shared by tcpserver and tcpclient, and light on imports: tcpclient starts in scripts' loops.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+
+def read_initial_environment() -> list[bytes]:
+    """The environment exactly as the command was started with it.
+
+    os.environ cannot give that back: Python adds LC_CTYPE under the C locale (PEP 538), merges
+    duplicate names and drops entries without `=`. The kernel's copy of the exec'd block can.
+    """
+    try:
+        with open("/proc/self/environ", "rb") as environ_file:
+            block = environ_file.read()
+    except OSError:
+        return [name + b"=" + value for name, value in os.environb.items()]
+    return block.split(b"\x00")[:-1] if block else []
+
+
+def first_values(entries: Sequence[bytes]) -> dict[bytes, bytes]:
+    """NAME -> VALUE as getenv sees the entries: the first of a name wins, entries without `=` don't count."""
+    values: dict[bytes, bytes] = {}
+    for entry in entries:
+        name, equals, value = entry.partition(b"=")
+        if equals:
+            values.setdefault(name, value)
+    return values
