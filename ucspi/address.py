@@ -212,3 +212,26 @@ def parse_cidr(text: bytes) -> tuple[bytes, int]:
     if int.from_bytes(packed, "big") & ((1 << (width - length)) - 1):
         raise CidrError(text)
     return packed, length
+
+
+def literal_ipv4_addresses(name: bytes) -> list[str] | None:
+    """dns_ip4's shortcut: a name of only digits, dots and brackets is read as addresses, not looked up.
+
+    Each dot ends a byte (values wrap at 256); bytes are taken four at a time and a short tail is
+    dropped, so b"1.2.3" gives []. None when the name needs a real lookup. The same parse reads
+    tcpserver's and tcpclient's host argument.
+    """
+    octets: list[int] = []
+    code = 0
+    for byte in name + b".":
+        if byte in b"[]":
+            continue
+        if byte == 0x2E:
+            octets.append(code)
+            code = 0
+        elif 0x30 <= byte <= 0x39:
+            code = (code * 10 + byte - 0x30) & 0xFF
+        else:
+            return None
+    whole = len(octets) - len(octets) % 4
+    return [".".join(map(str, octets[i : i + 4])) for i in range(0, whole, 4)]

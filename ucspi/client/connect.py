@@ -13,13 +13,13 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 
+from ucspi.address import literal_ipv4_addresses
 from ucspi.errors import EXIT_TEMPORARY, Fatal, error_text
 from ucspi.numbers import scan_ulong
 
 FATAL = "tcpclient: fatal: "
 # 0.88 connects to 127.0.0.1 for host `0` and the empty host (Debian's IPv6 build: ::1).
 LOCAL_HOST = "127.0.0.1"
-_DOTTED_CHARACTERS = frozenset("0123456789.[]")
 # poll() takes an int of milliseconds; longer waits go round again.
 _LONGEST_POLL_MS = 1 << 30
 
@@ -50,28 +50,6 @@ def ip4_scan(text: str) -> str | None:
     return ".".join(map(str, octets))
 
 
-def literal_ipv4_addresses(host: str) -> list[str] | None:
-    """dns_ip4's local parse of digits, dots and brackets: every 4 numbers are an address.
-
-    `127.0.0.1.127.0.0.2` is two addresses to try in turn; fewer than 4 numbers are none.
-    None when host is not made of those characters only (a name, or an IPv6 address).
-    """
-    if not set(host) <= _DOTTED_CHARACTERS:
-        return None
-    octets = []
-    value = 0
-    for character in host + ".":
-        if character in "[]":
-            continue
-        if character == ".":
-            octets.append(value % 256)
-            value = 0
-        else:
-            value = value * 10 + ord(character) - 48
-    count = len(octets) // 4
-    return [".".join(map(str, octets[4 * index : 4 * index + 4])) for index in range(count)]
-
-
 def _unique(addresses: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(addresses))
 
@@ -85,7 +63,7 @@ def resolve_host(host: str, ipv4_only: bool = False) -> list[str]:
     """
     if host in ("", "0"):
         host = LOCAL_HOST
-    literal = literal_ipv4_addresses(host)
+    literal = literal_ipv4_addresses(os.fsencode(host))
     if literal is not None:
         if not literal:
             raise fatal("no IP address for " + host)

@@ -22,6 +22,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.reversename
 
+from ucspi.address import literal_ipv4_addresses as literal_ip4s
 from ucspi.server.descriptors import DESCRIPTORS
 
 DNS_PORT = 53
@@ -124,28 +125,6 @@ def labels_from_printable(text: bytes) -> tuple[bytes, ...] | None:
             return None
         labels.append(bytes(label))
     return tuple(labels)
-
-
-def literal_ip4s(name: bytes) -> list[str] | None:
-    """dns_ip4's shortcut: a name of only digits, dots and brackets is read as addresses, not looked up.
-
-    Each dot ends a byte (values wrap at 256); bytes are taken four at a time and a short tail is
-    dropped, so b"1.2.3" gives []. None when the name needs a real lookup.
-    """
-    octets: list[int] = []
-    code = 0
-    for byte in name + b".":
-        if byte in b"[]":
-            continue
-        if byte == 0x2E:
-            octets.append(code)
-            code = 0
-        elif 0x30 <= byte <= 0x39:
-            code = (code * 10 + byte - 0x30) & 0xFF
-        else:
-            return None
-    whole = len(octets) - len(octets) % 4
-    return [_dotted(octets[i : i + 4]) for i in range(0, whole, 4)]
 
 
 def _dotted(octets: Sequence[int]) -> str:

@@ -8,10 +8,9 @@ import ipaddress
 import os
 import socket
 
+from ucspi.address import literal_ipv4_addresses
 from ucspi.errors import EXIT_TEMPORARY, Fatal, error_text
 from ucspi.numbers import scan_ulong
-
-_DOTTED_CHARACTERS = frozenset("0123456789.[]")
 
 
 def _fatal(text: str, error: BaseException | int | None = None) -> Fatal:
@@ -32,23 +31,6 @@ def resolve_port(port: str) -> int:
         raise _fatal("unable to figure out port number for " + port) from None
 
 
-def _dotted_quad(host: str) -> str | None:
-    """dns_ip4's local parse of a string of digits, dots and brackets: bytes wrap, short is none."""
-    octets = []
-    value = 0
-    for character in host + ".":
-        if character in "[]":
-            continue
-        if character == ".":
-            octets.append(value % 256)
-            value = 0
-        else:
-            value = value * 10 + ord(character) - 48
-    if len(octets) < 4:
-        return None
-    return ".".join(str(octet) for octet in octets[:4])
-
-
 ALL_IPV4_ADDRESSES = "0.0.0.0"
 
 
@@ -63,11 +45,11 @@ def resolve_host(host: str, ipv4_only: bool = False) -> str:
     """
     if host in ("", "0"):
         return ALL_IPV4_ADDRESSES
-    if set(host) <= _DOTTED_CHARACTERS:
-        address = _dotted_quad(host)
-        if address is None:
+    literal = literal_ipv4_addresses(os.fsencode(host))
+    if literal is not None:
+        if not literal:
             raise _fatal("no IP address for " + host)
-        return address
+        return literal[0]
     if ":" in host:
         try:
             socket.inet_pton(socket.AF_INET6, host)
