@@ -31,3 +31,20 @@ def first_values(entries: Sequence[bytes]) -> dict[bytes, bytes]:
         if equals:
             values.setdefault(name, value)
     return values
+
+
+def pathexec_changes(initial: Sequence[bytes], changes: Sequence[tuple[bytes, bytes | None]]) -> list[bytes]:
+    """pathexec_env, as written: each change removes the first NAME= entry (the last entry takes
+    its place), then appends NAME=VALUE unless the value is None. One scan per change."""
+    entries = list(initial)
+    for name, value in changes:
+        prefix = name + b"="
+        for position, entry in enumerate(entries):
+            if entry.startswith(prefix):
+                last = entries.pop()
+                if position < len(entries):
+                    entries[position] = last
+                break
+        if value is not None:
+            entries.append(prefix + value)
+    return entries

@@ -10,7 +10,8 @@ import sys
 from ucspi.cli import answer_help_or_version
 from ucspi.cli.getopt import GetoptError, getopt
 from ucspi.client.connect import fatal, ip4_scan, open_connection, parse_connect_timeouts, resolve_host, resolve_port
-from ucspi.client.environment import apply_changes, exec_program, first_values, read_initial_environment
+from ucspi.client.environment import exec_program
+from ucspi.environ import first_values, pathexec_changes, read_initial_environment
 from ucspi.errors import EXIT_PERMANENT, EXIT_TEMPORARY, Fatal, error_text
 from ucspi.numbers import scan_ulong
 
@@ -237,7 +238,7 @@ def run(options: ClientOptions, operands: list[str]) -> None:
     # Python ignores SIGPIPE and SIGXFSZ at start; the program gets both at their default.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-    error = exec_program(program, apply_changes(initial, changes), environ.get(b"PATH"))
+    error = exec_program(program, pathexec_changes(initial, changes), environ.get(b"PATH"))
     raise fatal("unable to run " + operands[2], error)
 
 

@@ -1,7 +1,7 @@
-"""The program's environment and its exec, as djb's pathexec builds and runs them.
+"""The program's exec, as djb's pathexec_run finds and runs it (the environment: ucspi/environ.py).
 
-ucspi/server/spawn.py holds the server's version of the same rules; importing it would bring in
-ctypes and asyncio, tens of milliseconds for a command that scripts run in loops.
+Not ucspi/server/spawn.py's posix_spawn: importing it would bring in ctypes and asyncio, tens of
+milliseconds for a command that scripts run in loops.
 """
 
 from __future__ import annotations
@@ -10,27 +10,8 @@ import errno
 import os
 from collections.abc import Sequence
 
-from ucspi.environ import first_values, read_initial_environment  # noqa: F401 - re-exported
-
 # Unset PATH: pathexec_run's default.
 DEFAULT_PATH = b"/bin:/usr/bin"
-
-
-def apply_changes(initial: Sequence[bytes], changes: Sequence[tuple[bytes, bytes | None]]) -> list[bytes]:
-    """pathexec_env: each change removes the first NAME= entry (the last entry takes its place),
-    then appends NAME=VALUE unless the value is None. A handful of changes: one scan each."""
-    entries = list(initial)
-    for name, value in changes:
-        prefix = name + b"="
-        for position, entry in enumerate(entries):
-            if entry.startswith(prefix):
-                last = entries.pop()
-                if position < len(entries):
-                    entries[position] = last
-                break
-        if value is not None:
-            entries.append(prefix + value)
-    return entries
 
 
 def _candidates(program: bytes, search_path: bytes | None) -> list[bytes]:

@@ -15,7 +15,7 @@ import os
 import signal
 from collections.abc import Sequence
 
-from ucspi.environ import first_values, read_initial_environment  # noqa: F401 - re-exported
+from ucspi.environ import first_values, pathexec_changes, read_initial_environment  # noqa: F401 - re-exported
 from ucspi.server.peer import Peer, Relay
 from ucspi.server.proxy import TLV_VARIABLE_NAMES
 
@@ -164,29 +164,13 @@ class Environment:
                 heapq.heappush(positions.setdefault(name, []), len(entries) - 1)
         return entries
 
-    @staticmethod
-    def _applied_one_by_one(initial: list[bytes], changes: Sequence[tuple[bytes, bytes | None]]) -> list[bytes]:
-        """pathexec's loop as written, for names holding `=` (tcpserver itself never makes one)."""
-        entries = list(initial)
-        for name, value in changes:
-            prefix = name + b"="
-            for position, entry in enumerate(entries):
-                if entry.startswith(prefix):
-                    last = entries.pop()
-                    if position < len(entries):
-                        entries[position] = last
-                    break
-            if value is not None:
-                entries.append(prefix + value)
-        return entries
-
     def build(self, changes: Sequence[tuple[bytes, bytes | None]]) -> list[bytes]:
         shape = tuple((name, value is None) for name, value in changes)
         plan = self._plans.get(shape)
         if plan is None:
             plan = self._plan(shape)
             if plan is None:
-                return self._applied_one_by_one(self.initial, changes)
+                return pathexec_changes(self.initial, changes)
             if len(self._plans) >= self._PLAN_LIMIT:
                 self._plans.clear()
             self._plans[shape] = plan
