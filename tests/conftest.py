@@ -30,6 +30,17 @@ ORIGINAL_BIN = Path("/usr/bin")
 
 # Hypothesis: no example database in the tree, no deadline (our commands are subprocesses whose
 # start-up time varies with machine load). UCSPI_FUZZ_EXAMPLES raises the count for a long run.
+# CI runs .ci/run, which installs every Debian tool the tests use: there a missing one fails.
+IN_CI = os.environ.get("CI") == "true"
+
+
+def needs_tool(command: str, package: str) -> pytest.MarkDecorator:
+    """Skip where `command` is missing (saying which package brings it), except under CI=true:
+    there the test runs, and fails on the missing tool."""
+    missing = shutil.which(command) is None and not os.access(command, os.X_OK)
+    return pytest.mark.skipif(missing and not IN_CI, reason=f"no {command} here (Debian: apt-get install {package})")
+
+
 FUZZ_EXAMPLES = int(os.environ.get("UCSPI_FUZZ_EXAMPLES", "120"))
 settings.register_profile(
     "ucspi-fuzz",

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import TOP
+from conftest import TOP, needs_tool
 
 from ucspi.cli import COMMANDS
 from ucspi.server.options import LONG_OPTIONS, OPTION_TABLE
@@ -42,14 +41,14 @@ def test_the_same_headings_in_every_page(page: Path) -> None:
     assert headings == HEADINGS
 
 
-@pytest.mark.skipif(shutil.which("groff") is None, reason="no groff here (Debian: apt-get install groff-base)")
+@needs_tool("groff", "groff-base")
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_groff_renders_it_without_a_warning(page: Path) -> None:
     result = subprocess.run(["groff", "-man", "-ww", "-z", page], capture_output=True, check=False)
     assert (result.returncode, result.stderr) == (0, b"")
 
 
-@pytest.mark.skipif(shutil.which("man") is None, reason="no man here (Debian: apt-get install man-db)")
+@needs_tool("man", "man-db")
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
 def test_man_shows_it(page: Path) -> None:
     result = subprocess.run(

@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import needs_tool
 from serverproc import OUR_SERVER, connect, plain_environment, read_line, read_to_eof, start_server
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
-needs_socket_activate = pytest.mark.skipif(SOCKET_ACTIVATE is None, reason="needs systemd-socket-activate (systemd)")
+needs_socket_activate = needs_tool("systemd-socket-activate", "systemd")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing ids needs root")
 NOBODY = 65534
 SUPERVISOR_NAMES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PIDFDID", "NOTIFY_SOCKET")

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import needs_tool
 from fakes import fresh_loopback
 from serverproc import (
     OUR_SERVER,
@@ -251,9 +252,7 @@ def _free_port(ip: str) -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.skipif(
-    shutil.which("tcpsvd") is None and not os.environ.get("CI"), reason="ipsvd's tcpsvd is not installed"
-)
+@needs_tool("tcpsvd", "ipsvd")
 def test_the_message_bytes_are_tcpsvds() -> None:
     """`-C 2:msg` with ipsvd's escapes: the third client gets the same bytes from both, and the
     admitted ones the same TCPCONCURRENCY."""

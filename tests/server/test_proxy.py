@@ -9,7 +9,6 @@ not HAProxy. In CI (CI=true) a missing haproxy fails instead of skipping.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import struct
@@ -20,6 +19,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import needs_tool
 from fakes import FakeIdentd, fresh_loopback
 from serverproc import (
     OUR_SERVER,
@@ -57,15 +57,7 @@ NAMES = (
 )
 
 
-def _haproxy_available() -> bool:
-    if os.access(HAPROXY, os.X_OK):
-        return True
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{HAPROXY} is missing: .ci/run installs it")
-    return False
-
-
-needs_haproxy = pytest.mark.skipif("not _haproxy_available()", reason="haproxy is not installed")
+needs_haproxy = needs_tool(HAPROXY, "haproxy")
 
 
 def shown(reply: bytes) -> tuple[dict[bytes, bytes], bytes]:
