@@ -57,14 +57,8 @@ class Children:
         self.waiting = 0  # connections handed to the threads and not answered yet
         self.alone = False  # set by the loop: the last wakeup found one client only
         self._jobs: queue.SimpleQueue[tuple[Connection, Sequence[bytes]]] = queue.SimpleQueue()
-        self._threads = threads
-        self._workers: list[threading.Thread] = []
         for _ in range(threads):
             self._start_worker()
-
-    @property
-    def running(self) -> int:
-        return len(self._running)
 
     @property
     def can_take_more(self) -> bool:
@@ -107,19 +101,16 @@ class Children:
 
     def _start_worker(self) -> None:
         try:
-            worker = threading.Thread(target=self._work, name="spawn", daemon=True)
-            worker.start()
+            threading.Thread(target=self._work, name="spawn", daemon=True).start()
         except Exception as error:  # a server that cannot spawn cannot serve
             self._on_fatal(b"unable to start a spawning thread: " + type(error).__name__.encode())
-            return
-        self._workers.append(worker)
 
     def _work(self) -> None:
         try:
             self._serve_jobs()
         finally:
             # Never a server alive but deaf: the loop replaces this thread, or exits.
-            self._loop.call_soon_threadsafe(self._replace_worker, threading.current_thread())
+            self._loop.call_soon_threadsafe(self._start_worker)
 
     def _serve_jobs(self) -> None:
         # SIGCHLD goes to the loop's thread; the child's own mask is set by the spawn attributes.
@@ -131,11 +122,6 @@ class Children:
             except BaseException as error:  # the connection must hear back, whatever happened
                 pid, failure = connection.pid, error
             self._loop.call_soon_threadsafe(self._answer, connection, pid, failure)
-
-    def _replace_worker(self, dead: threading.Thread) -> None:
-        if dead in self._workers:
-            self._workers.remove(dead)
-        self._start_worker()
 
     def _answer(self, connection: Connection, pid: int, failure: BaseException | None) -> None:
         self.waiting -= 1

@@ -104,15 +104,17 @@ class Connection:
                     server.log.emit(Denied(server.pid, peer))
                 self.finish()
                 return
+            # The rule's variables, read once: for the limits and for the program.
+            rule_variables = decision.environment if decision.data else []
             limit_variables: list[tuple[bytes, bytes | None]] = []
             if server.limits is not None:
-                ticket, refusal, before = server.limits.decide(peer.rules_ip, decision.environment)
+                ticket, refusal, before = server.limits.decide(peer.rules_ip, rule_variables)
                 if refusal is not None:
                     self._refuse(peer, refusal)
                     return
                 self.ticket = ticket
                 limit_variables = _limit_variables(peer, before)
-            self._program(peer, decision, limit_variables, relay)
+            self._program(peer, rule_variables, limit_variables, relay)
         except Drop as drop:
             try:
                 server.log.emit(Dropped(drop.text))
@@ -225,15 +227,14 @@ class Connection:
     def _program(
         self,
         peer: Peer,
-        decision: Decision,
+        rule_variables: list[tuple[bytes, bytes]],
         limit_variables: list[tuple[bytes, bytes | None]],
         relay: Relay | None,
     ) -> None:
         server = self.server
         changes = tcp_variables(peer, relay)
         changes.extend(limit_variables)
-        if decision.data:
-            changes.extend(decision.environment)
+        changes.extend(rule_variables)
         environment = server.environment.build(changes)
         self._spawn_pending = True
         try:

@@ -183,13 +183,14 @@ class Limits:
         return self.lengths[1] if net[0] == 128 else self.lengths[0]
 
     def forget(self, ip: bytes, net: tuple[int, int]) -> None:
-        left = self._by_ip[ip] - 1
-        if left:
-            self._by_ip[ip] = left
-        else:
-            del self._by_ip[ip]
-        left = self._by_net[net] - 1
-        if left:
-            self._by_net[net] = left
-        else:
-            del self._by_net[net]
+        _count_down(self._by_ip, ip)
+        _count_down(self._by_net, net)
+
+
+def _count_down(counts: dict, key: object) -> None:
+    """One connection fewer under key; a count of 0 leaves no entry (memory follows live connections)."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]

@@ -77,7 +77,6 @@ class Server:
         self.options = options
         self.limit = options.limit
         self.listeners = list(listeners)
-        self.listener = self.listeners[0]
         self.notifier = notifier
         self.spawner = spawner
         self.environment = environment
@@ -165,9 +164,7 @@ class Server:
                     self.loop.call_later(_ACCEPT_BACKOFF_SECONDS, self._end_backoff)
                 break
             self.slots_taken += 1
-            self.log.status(self.slots_taken, self.limit)
-            if self.notifier is not None:
-                self.notifier.status(self.slots_taken, self.limit)
+            self._slots_changed()
         self.children.alone = len(accepted) == 1
         for index, (fd, remote) in enumerate(accepted):
             # Each connection owns its slot from here on; a fault while starting one drops only it.
@@ -182,6 +179,10 @@ class Server:
     def slot_given_back(self) -> None:
         self.slots_taken -= 1
         self._resume()
+        self._slots_changed()
+
+    def _slots_changed(self) -> None:
+        """The status line, and the supervisor's STATUS= (at most one a second)."""
         self.log.status(self.slots_taken, self.limit)
         if self.notifier is not None:
             self.notifier.status(self.slots_taken, self.limit)
