@@ -144,6 +144,27 @@ LONG_OPTIONS: tuple[Option, ...] = (
         field="inherit",
         parse=lambda text: keyword(("stdin",))(text),
     ),
+    Option(
+        "drain",
+        "secs",
+        "TERM drains as ALRM does: stop accepting, wait up to SECS for the programs, then TERM+CONT, KILL 2 s later",
+        field="drain",
+        parse=lambda text: seconds()(text),
+    ),
+    Option(
+        "log",
+        "classic|logfmt|json",
+        "the log's format: classic (the original's lines, the default), logfmt or json, one event a line",
+        field="log_format",
+        parse=lambda text: keyword(("classic", "logfmt", "json"))(text),
+    ),
+    Option(
+        "status-socket",
+        "path",
+        "serve the status view as JSON lines to each client of this UNIX socket (mode 0600), then close",
+        field="status_socket",
+        parse=lambda text: socket_path(text),
+    ),
 )
 
 FLAG_LETTERS = "".join(option.name for option in OPTION_TABLE if option.argument is None)
@@ -244,6 +265,14 @@ def cidr_list(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
     return tuple(networks)
 
 
+def socket_path(text: str) -> bytes:
+    """A UNIX socket's path: not empty, and short enough for sun_path (107 bytes and a NUL)."""
+    path = os.fsencode(text)
+    if not path or len(path) > 107 or b"\0" in path:
+        raise ValueError(text)
+    return path
+
+
 # ---- the options themselves
 
 
@@ -278,6 +307,10 @@ class ServerOptions:
     proxy_local: str | None = None  # serve (the default) or close
     proxy_ident: bool = False
     inherit: str | None = None  # stdin: the listener is fd 0 (s6); None: bind, or systemd's sockets
+    # Operations (issue 13): None = TERM exits at once as 0.88's (ALRM drains for 30 s).
+    drain: float | None = None
+    log_format: str = "classic"
+    status_socket: bytes | None = None
     operands: list[str] = field(default_factory=list)
 
 
