@@ -47,6 +47,10 @@ class Drop(Exception):
 
 
 class Connection:
+    # The program's fds 0 and 1 and the descriptors it keeps at their own numbers: the
+    # connection itself here; pipes (and UCSPI-TLS's control socket) in a TLS connection.
+    pass_fds: tuple[int, ...] = ()
+
     __slots__ = (
         "_early_end",
         "_fd_open",
@@ -73,6 +77,14 @@ class Connection:
         self._fd_open = True
         self._spawn_pending = False  # handed to a spawning thread, its answer not back yet
         self._early_end: int | None = None  # the program was reaped before its spawn was reported
+
+    @property
+    def stdin_fd(self) -> int:
+        return self.fd
+
+    @property
+    def stdout_fd(self) -> int:
+        return self.fd
 
     # -- the path ---------------------------------------------------------------------------
 

@@ -138,48 +138,53 @@ def verdict_line(verdict: bytes, pid: int, peer: Peer) -> bytes:
 
 
 class ClassicFormat:
-    """The original's lines, prefixed `tcpserver: `."""
+    """The original's lines, prefixed with the command's name (`tcpserver: `, `sslserver: `)."""
+
+    def __init__(self, name: bytes = b"tcpserver") -> None:
+        self.prefix = name + b": "
 
     def format(self, event: Event, verbosity: int) -> bytes:
+        prefix = self.prefix
         match event:
             case Status(children, limit):
-                return b"tcpserver: status: %d/%d\n" % (children, limit)
+                return prefix + b"status: %d/%d\n" % (children, limit)
             case Served(pid, peer):
                 # The child's `pid P from IP` and `ok` lines, written together after the spawn.
                 ok_line = verdict_line(b"ok", pid, peer)
-                return b"tcpserver: pid %d from %s\ntcpserver: %s" % (pid, peer.remote_ip, ok_line)
+                return b"%spid %d from %s\n%s%s" % (prefix, pid, peer.remote_ip, prefix, ok_line)
             case SpawnFailed(pid, peer):
-                return b"tcpserver: " + verdict_line(b"ok", pid, peer)
+                return prefix + verdict_line(b"ok", pid, peer)
             case Denied(pid, peer, limit):
-                return b"tcpserver: " + verdict_line(b"deny", pid, peer)[:-1] + limit + b"\n"
+                return prefix + verdict_line(b"deny", pid, peer)[:-1] + limit + b"\n"
             case ProgramEnded(pid, wait_status):
-                return b"tcpserver: end %d status %d\n" % (pid, wait_status)
+                return prefix + b"end %d status %d\n" % (pid, wait_status)
             case Dropped(reason):
-                return b"tcpserver: warning: dropping connection, " + reason + b"\n"
+                return prefix + b"warning: dropping connection, " + reason + b"\n"
             case InternalError(type_name, place):
-                line = b"tcpserver: warning: dropping connection, internal error: " + sanitize(type_name) + b"\n"
+                line = prefix + b"warning: dropping connection, internal error: " + sanitize(type_name) + b"\n"
                 if place is not None and verbosity >= 2:
-                    line += b"tcpserver: warning: internal error %s at %s line %d\n" % (
+                    line += prefix + b"warning: internal error %s at %s line %d\n" % (
                         sanitize(type_name),
                         sanitize(place[0]),
                         place[1],
                     )
                 return line
             case ProxyNoted(text):
-                return b"tcpserver: proxy: " + text + b"\n"
+                return prefix + b"proxy: " + text + b"\n"
             case Warned(text):
-                return b"tcpserver: warning: " + text + b"\n"
+                return prefix + b"warning: " + text + b"\n"
             case Fatal(text):
-                return b"tcpserver: fatal: " + text + b"\n"
+                return prefix + b"fatal: " + text + b"\n"
         raise TypeError(f"no classic line for {type(event).__name__}")
 
 
 class Log:
     """Verbosity 0 (-q): nothing at all; 1 (-Q): warnings and fatal errors; 2 (-v): status too."""
 
-    def __init__(self, verbosity: int, formatter: Format | None = None) -> None:
+    def __init__(self, verbosity: int, formatter: Format | None = None, name: bytes = b"tcpserver") -> None:
         self.verbosity = verbosity
-        self.formatter: Format = formatter or ClassicFormat()
+        self.name = name
+        self.formatter: Format = formatter or ClassicFormat(name)
 
     @property
     def verbose(self) -> bool:
@@ -191,7 +196,7 @@ class Log:
         try:
             line = self.formatter.format(event, self.verbosity)
         except Exception as error:  # the log must never take a connection or the server down
-            line = b"tcpserver: warning: internal error: " + sanitize(type(error).__name__.encode()) + b"\n"
+            line = self.name + b": warning: internal error: " + sanitize(type(error).__name__.encode()) + b"\n"
         self._write(line)
 
     def _write(self, line: bytes) -> None:

@@ -73,11 +73,13 @@ class Server:
         facts: PeerFacts,
         log: Log,
         notifier: Notifier | None = None,
+        connection_class: type[Connection] = Connection,
     ) -> None:
         self.options = options
         self.limit = options.limit
         self.listeners = list(listeners)
         self.notifier = notifier
+        self.connection_class = connection_class  # sslserver's adds the TLS steps to the path
         self.spawner = spawner
         self.environment = environment
         self.facts = facts
@@ -168,7 +170,7 @@ class Server:
         self.children.alone = len(accepted) == 1
         for index, (fd, remote) in enumerate(accepted):
             # Each connection owns its slot from here on; a fault while starting one drops only it.
-            connection = Connection(self, fd, remote, Slot(self), fixed_local)
+            connection = self.connection_class(self, fd, remote, Slot(self), fixed_local)
             try:
                 start_eagerly(connection.run(), self.loop, self._tasks)
             except Exception as error:

@@ -211,15 +211,21 @@ class Spawner:
         _libc.posix_spawnattr_setflags(attributes, ctypes.c_short(_POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK))
         return attributes
 
-    def _actions_for(self, connection_fd: int) -> _FileActions:
-        # One prepared set of file actions per descriptor number: numbers are reused all the time.
-        actions = self._file_actions.get(connection_fd)
+    def _actions_for(self, stdin_fd: int, stdout_fd: int, pass_fds: tuple[int, ...]) -> _FileActions:
+        # One prepared set of file actions per descriptor layout: numbers are reused all the time.
+        key = (stdin_fd, stdout_fd, *pass_fds)
+        actions = self._file_actions.get(key)
         if actions is None:
+            if len(self._file_actions) >= 4096:  # layouts with pass_fds vary more: keep it bounded
+                self._file_actions.clear()
             actions = _FileActions()
             _libc.posix_spawn_file_actions_init(actions)
-            _libc.posix_spawn_file_actions_adddup2(actions, connection_fd, 0)
-            _libc.posix_spawn_file_actions_adddup2(actions, connection_fd, 1)
-            self._file_actions[connection_fd] = actions
+            _libc.posix_spawn_file_actions_adddup2(actions, stdin_fd, 0)
+            _libc.posix_spawn_file_actions_adddup2(actions, stdout_fd, 1)
+            for fd in pass_fds:
+                # dup2 of a descriptor onto itself clears its close-on-exec flag (glibc 2.29 on).
+                _libc.posix_spawn_file_actions_adddup2(actions, fd, fd)
+            self._file_actions[key] = actions
         return actions
 
     def _candidates(self) -> list[bytes]:
@@ -229,10 +235,16 @@ class Spawner:
         # pathexec: an empty PATH element means the current directory.
         return [(directory or b".") + b"/" + name for directory in self._path_entries]
 
-    def spawn(self, connection_fd: int, environment: Sequence[bytes]) -> int:
-        """The child's pid; raises OSError with the errno the original's execvp would report."""
+    def spawn(
+        self, stdin_fd: int, stdout_fd: int, environment: Sequence[bytes], pass_fds: tuple[int, ...] = ()
+    ) -> int:
+        """The child's pid; raises OSError with the errno the original's execvp would report.
+
+        stdin_fd and stdout_fd become the program's 0 and 1 (the same connection for tcpserver,
+        two pipes for sslserver); pass_fds stay open in the program at their own numbers.
+        """
         envp = _null_terminated(environment)
-        actions = self._actions_for(connection_fd)
+        actions = self._actions_for(stdin_fd, stdout_fd, pass_fds)
         saved_error = 0
         candidates = self._candidates()
         for candidate in candidates:
