@@ -111,6 +111,56 @@ class Fatal(Event):
     verbosity = 1
 
 
+# Operations (issue 13). 0.88 writes none of these: classic mode writes only the stat lines
+# (asked for by SIGUSR1), the structured modes all of them.
+
+
+@dataclass(frozen=True, slots=True)
+class SignalTaken(Event):
+    """A signal the server acts on: its name (`TERM`) and what it does (`exit`, `drain`, `harden`, `stat`)."""
+
+    name: bytes
+    action: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Draining(Event):
+    """A drain began: the connections left, and the seconds the programs are given."""
+
+    connections: int
+    deadline_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Exiting(Event):
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatSummary(Event):
+    """SIGUSR1's first line (written at -Q and -v, never at -q)."""
+
+    connections: int
+    limit: int
+    accepted: int
+    denied: int
+    refused: int  # by a per-address or per-network limit
+    uptime_seconds: int
+    verbosity = 1
+
+
+@dataclass(frozen=True, slots=True)
+class StatClient(Event):
+    """SIGUSR1's line per client address with live connections (the 100 busiest)."""
+
+    ip: bytes
+    connections: int
+    oldest_seconds: int
+    network: bytes  # the per-network limit's prefix, `10.1.2.0/24`
+    network_connections: int
+    verbosity = 1
+
+
 # -- formatting ---------------------------------------------------------------------------
 
 
@@ -175,6 +225,25 @@ class ClassicFormat:
                 return prefix + b"warning: " + text + b"\n"
             case Fatal(text):
                 return prefix + b"fatal: " + text + b"\n"
+            case StatSummary(connections, limit, accepted, denied, refused, uptime):
+                return prefix + b"stat conns %d/%d accepted %d denied %d refused %d uptime %d\n" % (
+                    connections,
+                    limit,
+                    accepted,
+                    denied,
+                    refused,
+                    uptime,
+                )
+            case StatClient(ip, connections, oldest, network, network_connections):
+                return prefix + b"stat ip %s conns %d oldest %d net %s netconns %d\n" % (
+                    ip,
+                    connections,
+                    oldest,
+                    network,
+                    network_connections,
+                )
+            case SignalTaken() | Draining() | Exiting():
+                return b""  # 0.88 says nothing here: classic stays byte-identical
         raise TypeError(f"no classic line for {type(event).__name__}")
 
 
@@ -197,7 +266,8 @@ class Log:
             line = self.formatter.format(event, self.verbosity)
         except Exception as error:  # the log must never take a connection or the server down
             line = self.name + b": warning: internal error: " + sanitize(type(error).__name__.encode()) + b"\n"
-        self._write(line)
+        if line:
+            self._write(line)
 
     def _write(self, line: bytes) -> None:
         try:
