@@ -34,14 +34,56 @@ def sanitize(field: bytes) -> bytes:
 
 
 class Event:
+    """An event's fields are its dataclass fields; `ev` names it in the structured modes, where
+    the fields become keys by the names of logformats.KEYS (a field without one keeps its own)."""
+
     __slots__ = ()
     verbosity = 2  # the least verbosity at which the event is written
+    ev = ""  # the structured modes' name; empty: the class's name in lower case
+
+
+@dataclass(frozen=True, slots=True)
+class Listening(Event):
+    """Structured modes only: a socket served, bound here or inherited from a supervisor."""
+
+    ip: bytes
+    port: int
+    fd: int
+    family: bytes  # `ipv4` or `ipv6`
+    inherited: bool
+    ev = "listen"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted(Event):
+    """Structured modes only: a client accepted, before anything is known of it but its addresses."""
+
+    ip: bytes
+    port: int
+    lip: bytes | None
+    lport: int | None
+    conns: int
+    ev = "accept"
+
+
+@dataclass(frozen=True, slots=True)
+class Proxied(Event):
+    """Structured modes only: what a PROXY header said (cmd `PROXY` or `LOCAL`; no addresses for LOCAL)."""
+
+    ip: bytes | None
+    port: int | None
+    via: bytes
+    via_port: int
+    ver: int
+    cmd: bytes
+    ev = "proxy"
 
 
 @dataclass(frozen=True, slots=True)
 class Status(Event):
     children: int
     limit: int
+    ev = "status"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +92,8 @@ class Served(Event):
 
     pid: int
     peer: Peer
+    rule: bytes | None = None  # the key of the rule that matched (structured modes only)
+    ev = "ok"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,21 +102,37 @@ class SpawnFailed(Event):
 
     pid: int
     peer: Peer
+    rule: bytes | None = None
+    ev = "ok"
 
 
 @dataclass(frozen=True, slots=True)
 class Denied(Event):
-    """A rule's deny, or a limit's refusal (limit: ` MAXCONNIP:n` or ` MAXCONNC:n/len`)."""
+    """A rule's deny, or a limit's refusal (limit: ` MAXCONNIP:n` or ` MAXCONNC:n/len`).
+
+    The fields after `limit` are the structured modes' (the classic line has them in `limit`).
+    """
 
     pid: int
     peer: Peer
     limit: bytes = b""
+    rule: bytes | None = None
+    reason: bytes = b"rule"  # `rule`, `maxconnip`, `maxconnc`
+    ipconns: int | None = None
+    ipmax: int | None = None
+    netconns: int | None = None
+    netmax: int | None = None
+    net: bytes | None = None
+    ev = "deny"
 
 
 @dataclass(frozen=True, slots=True)
 class ProgramEnded(Event):
     pid: int
-    wait_status: int
+    wait_status: int  # the structured modes show `status` (an exit) or `signal` (a name)
+    ip: bytes | None = None
+    dur_ms: int | None = None  # from accept to the reap
+    ev = "end"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,20 +140,29 @@ class ProxyNoted(Event):
     """At -v, what a PROXY header did beyond its addresses: a LOCAL header, a TLV value dropped."""
 
     text: bytes
+    ev = "proxy"
 
 
 @dataclass(frozen=True, slots=True)
 class Warned(Event):
     text: bytes
     verbosity = 1
+    ev = "warning"
 
 
 @dataclass(frozen=True, slots=True)
 class Dropped(Event):
-    """A client closed without a program: `dropping connection, REASON`."""
+    """A client closed without a program: `dropping connection, REASON`.
+
+    The structured modes show `reason` as `text`, and `code` as `reason`: `proxy`, `banner`,
+    `sockname`, `cdb`, `exec`.
+    """
 
     reason: bytes
+    code: bytes = b""
+    ip: bytes | None = None
     verbosity = 1
+    ev = "drop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,13 +171,16 @@ class InternalError(Event):
 
     type_name: bytes
     place: tuple[bytes, int] | None = None
+    ip: bytes | None = None
     verbosity = 1
+    ev = "drop"  # reason=internal
 
 
 @dataclass(frozen=True, slots=True)
 class Fatal(Event):
     text: bytes
     verbosity = 1
+    ev = "fatal"
 
 
 # Operations (issue 13). 0.88 writes none of these: classic mode writes only the stat lines
@@ -121,6 +193,7 @@ class SignalTaken(Event):
 
     name: bytes
     action: bytes
+    ev = "signal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +202,13 @@ class Draining(Event):
 
     connections: int
     deadline_seconds: float
+    ev = "drain"
 
 
 @dataclass(frozen=True, slots=True)
 class Exiting(Event):
     code: int
+    ev = "exit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +222,7 @@ class StatSummary(Event):
     refused: int  # by a per-address or per-network limit
     uptime_seconds: int
     verbosity = 1
+    ev = "stat"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +235,7 @@ class StatClient(Event):
     network: bytes  # the per-network limit's prefix, `10.1.2.0/24`
     network_connections: int
     verbosity = 1
+    ev = "stat"
 
 
 # -- formatting ---------------------------------------------------------------------------
@@ -242,18 +319,51 @@ class ClassicFormat:
                     network,
                     network_connections,
                 )
-            case SignalTaken() | Draining() | Exiting():
+            case SignalTaken() | Draining() | Exiting() | Listening() | Accepted() | Proxied():
                 return b""  # 0.88 says nothing here: classic stays byte-identical
         raise TypeError(f"no classic line for {type(event).__name__}")
 
 
+LOG_FORMATS = ("classic", "logfmt", "json")
+
+
+def make_log(verbosity: int, log_format: str = "classic", name: bytes = b"tcpserver") -> Log:
+    """The Log of --log=FORMAT for the command called name (`tcpserver`, `sslserver`)."""
+    if log_format == "classic":
+        return Log(verbosity, ClassicFormat(name), name)
+    from ucspi.server.logformats import JsonFormat, LogfmtFormat  # imported only when asked for
+
+    formats = {"logfmt": LogfmtFormat, "json": JsonFormat}
+    if log_format not in formats:
+        raise ValueError(log_format)
+    return Log(verbosity, formats[log_format](name), name)
+
+
+def rule_key(key: bytes | None, cidr: bool) -> bytes | None:
+    """The matched rule's key as tcprulescheck shows it (a CIDR key as `10.0.0.0/8`); None: no rule."""
+    if key is not None and cidr:
+        from ucspi.address import cidr_from_key, format_network
+
+        network = cidr_from_key(key)
+        if network is not None:
+            return format_network(*network)
+    return key
+
+
 class Log:
-    """Verbosity 0 (-q): nothing at all; 1 (-Q): warnings and fatal errors; 2 (-v): status too."""
+    """Verbosity 0 (-q): nothing at all; 1 (-Q): warnings and fatal errors; 2 (-v): status too.
+
+    `structured` is true for --log=logfmt and json: the emitters build the events (Listening,
+    Accepted, Proxied) and the fields (a rule's key, a limit's counts) only those formats show.
+    `accepts`: Accepted events are wanted (structured, at -v), asked once per accepted client.
+    """
 
     def __init__(self, verbosity: int, formatter: Format | None = None, name: bytes = b"tcpserver") -> None:
         self.verbosity = verbosity
         self.name = name
         self.formatter: Format = formatter or ClassicFormat(name)
+        self.structured = not isinstance(self.formatter, ClassicFormat)
+        self.accepts = self.structured and verbosity >= 2
 
     @property
     def verbose(self) -> bool:
@@ -265,9 +375,17 @@ class Log:
         try:
             line = self.formatter.format(event, self.verbosity)
         except Exception as error:  # the log must never take a connection or the server down
-            line = self.name + b": warning: internal error: " + sanitize(type(error).__name__.encode()) + b"\n"
+            line = self._format_failed(sanitize(type(error).__name__.encode()))
         if line:
             self._write(line)
+
+    def _format_failed(self, type_name: bytes) -> bytes:
+        if self.structured:
+            try:  # still a line the format's readers can parse
+                return self.formatter.format(Warned(b"internal error: " + type_name), self.verbosity)
+            except Exception:
+                pass
+        return self.name + b": warning: internal error: " + type_name + b"\n"
 
     def _write(self, line: bytes) -> None:
         try:
@@ -278,6 +396,19 @@ class Log:
     # Shorthands for the start-up code.
     def fatal(self, text: bytes) -> None:
         self.emit(Fatal(text))
+
+    def fatal_message(self, message: bytes) -> None:
+        """A start-up error made elsewhere as a whole line (`tcpserver: fatal: unable to bind: ...`).
+
+        Classic writes it as it is; a structured format gets it as a Fatal event.
+        """
+        if not self.structured:
+            if self.verbosity:
+                self._write(message + b"\n")
+            return
+        # Start-up code names the command itself (`tcpserver: fatal: `): whatever the name, it goes.
+        name, separator, text = message.partition(b": fatal: ")
+        self.emit(Fatal(text if separator and b" " not in name else message))
 
     def warning(self, text: bytes) -> None:
         self.emit(Warned(text))
