@@ -4,8 +4,11 @@
  * CLIENTS threads each repeat: connect, read to EOF, close; until COUNT connections are done in
  * all or SECONDS have passed. Connect and each read time out after 3 s. Source addresses rotate
  * over 127.0.0.1-16 so that TIME_WAIT does not exhaust the ephemeral ports. Prints one line:
- * "done N failed F seconds S rate R p50_us P p99_us Q bytes B", and with EXPECT " matched M":
- * how many connections received exactly the bytes EXPECT (`make stress`: no reply lost or cut).
+ * "done N failed F seconds S rate R p50_us P p99_us Q bytes B first F first_p50_us P first_p99_us Q",
+ * and with EXPECT " matched M": how many connections received exactly the bytes EXPECT (`make
+ * stress`: no reply lost or cut). p50/p99 time a served connection from the start of connect to
+ * EOF; first_p50/p99 time it to its first byte, over the F served connections that got one
+ * (0 when none did): the latency a client sees of a program that greets it.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -29,7 +32,8 @@ static double deadline;
 static atomic_long started, done, failed, received, matched;
 static const char *expect;
 static size_t expect_length;
-static long *latencies;
+static long *latencies, *first_latencies;
+static atomic_long first;
 
 static double now(void)
 {
@@ -45,7 +49,7 @@ static int wait_for(int fd, short events)
   return r == 1 ? 0 : -1;
 }
 
-static int one_connection(int index)
+static int one_connection(int index, double begin, long *first_us)
 {
   char buffer[4096];
   size_t got = 0;
@@ -67,6 +71,7 @@ static int one_connection(int index)
   for (;;) {
     ssize_t r = read(fd, buffer, sizeof buffer);
     if (r > 0) {
+      if (got == 0) *first_us = (long) ((now() - begin) * 1e6);
       atomic_fetch_add(&received, r);
       if (expect && same) same = got + r <= expect_length && memcmp(expect + got, buffer, r) == 0;
       got += r;
@@ -91,9 +96,11 @@ static void *client(void *unused)
     long index = atomic_fetch_add(&started, 1);
     if (index >= total_count || now() > deadline) break;
     double begin = now();
-    if (one_connection((int) index) == 0) {
+    long first_us = -1;
+    if (one_connection((int) index, begin, &first_us) == 0) {
       long slot = atomic_fetch_add(&done, 1);
       latencies[slot] = (long) ((now() - begin) * 1e6);
+      if (first_us >= 0) first_latencies[atomic_fetch_add(&first, 1)] = first_us;
     } else {
       atomic_fetch_add(&failed, 1);
     }
@@ -124,6 +131,7 @@ int main(int argc, char **argv)
   target.sin_port = htons((unsigned short) atoi(argv[2]));
   inet_pton(AF_INET, argv[1], &target.sin_addr);
   latencies = calloc(total_count + 1, sizeof *latencies);
+  first_latencies = calloc(total_count + 1, sizeof *first_latencies);
   pthread_t *threads = calloc(clients, sizeof *threads);
   double begin = now();
   deadline = begin + atof(argv[5]);
@@ -131,9 +139,13 @@ int main(int argc, char **argv)
   for (int i = 0; i < clients; ++i) pthread_join(threads[i], 0);
   double seconds = now() - begin;
   long n = atomic_load(&done);
+  long f = atomic_load(&first);
   qsort(latencies, n, sizeof *latencies, by_value);
+  qsort(first_latencies, f, sizeof *first_latencies, by_value);
   printf("done %ld failed %ld seconds %.3f rate %.1f p50_us %ld p99_us %ld bytes %ld", n, atomic_load(&failed),
          seconds, n / seconds, n ? latencies[n / 2] : 0, n ? latencies[(n * 99) / 100] : 0, atomic_load(&received));
+  printf(" first %ld first_p50_us %ld first_p99_us %ld", f, f ? first_latencies[f / 2] : 0,
+         f ? first_latencies[(f * 99) / 100] : 0);
   if (expect) printf(" matched %ld", atomic_load(&matched));
   printf("\n");
   return 0;
