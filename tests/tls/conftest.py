@@ -14,7 +14,7 @@ _OPENSSL = needs_tool("openssl", "openssl")
 def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     """The CA, server, client and broken certificates of tls.certs, in a session directory.
     Without openssl: a skip naming its package, or a failure under CI=true (needs_tool)."""
-    missing, = _OPENSSL.args
+    (missing,) = _OPENSSL.args
     if missing:
         pytest.skip(_OPENSSL.kwargs["reason"])
     return make_certificates(tmp_path_factory.mktemp("tls-certs"))

@@ -16,12 +16,15 @@ Every wait is bounded: each call takes a timeout and raises TimeoutError when it
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -299,7 +302,7 @@ def client_hello(server_hostname: str | None = "localhost", context: ssl.SSLCont
 def sslv2_hello() -> bytes:
     """An SSLv2-style CLIENT-HELLO (RFC 6101 appendix E.2 form: 2-byte header with the top bit set,
     msg_type 1, version 3.1, three cipher specs, no session id, a 16-byte challenge)."""
-    specs = bytes.fromhex("00002f" "000035" "0000ff")  # AES128-SHA, AES256-SHA, the renegotiation SCSV
+    specs = bytes.fromhex("00002f0000350000ff")  # AES128-SHA, AES256-SHA, the renegotiation SCSV
     challenge = os.urandom(16)
     body = bytes([1]) + b"\x03\x01" + struct.pack("!HHH", len(specs), 0, len(challenge)) + specs + challenge
     return struct.pack("!H", 0x8000 | len(body)) + body
@@ -409,3 +412,146 @@ def wait_until(condition: Callable[[], object], timeout: float, interval: float 
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+# ---------------------------------------------------------------- the servers under test
+
+TOP = Path(__file__).resolve().parents[2]
+# The installed entry point names its interpreter itself: the program's environment is exactly
+# what the test gives (tests/server/serverproc.py says why the launcher is not used).
+SSLSERVER = TOP / ".venv" / "bin" / "sslserver"
+FAKE_SMTPD = Path(__file__).with_name("fake_smtpd.py")
+PYTHON = Path(sys.executable)
+
+sys.path.insert(0, str(TOP / "tests" / "server"))
+import serverproc  # noqa: E402  (tests/server/serverproc.py: start_server, ServerProcess)
+
+
+def start_sslserver(
+    options: Sequence[str],
+    program: Sequence[str | os.PathLike[str]],
+    variables: Mapping[bytes, bytes] | None = None,
+    *,
+    host: str = "127.0.0.1",
+    pass_fds: Sequence[int] = (),
+    command: Path = SSLSERVER,
+) -> serverproc.ServerProcess:
+    """`sslserver -1 OPTIONS HOST 0 PROGRAM` with PATH plus variables (CERTFILE, KEYFILE, ...) in
+    its environment, listening; its port read from stdout. A server that does not start raises
+    RuntimeError with its stderr."""
+    return serverproc.start_server(
+        command,
+        list(options),
+        [os.fspath(part) for part in program],
+        host=host,
+        environment=serverproc.plain_environment(variables),
+        pass_fds=pass_fds,
+    )
+
+
+def fake_smtpd(log: os.PathLike[str] | str, *options: str) -> list[str]:
+    """The command line of tests/tls/fake_smtpd.py logging to log, with its options."""
+    return [os.fspath(PYTHON), os.fspath(FAKE_SMTPD), f"--log={os.fspath(log)}", *options]
+
+
+def smtpd_log(path: os.PathLike[str] | str) -> list[dict[str, object]]:
+    """fake_smtpd's log: one dict per event (none yet: an empty list)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for servers that cannot take port 0 and say which (stunnel).
+    Another process could take it before the server binds it: the server then fails to start."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def listening_on(port: int) -> bool:
+    """Some socket of this machine listens on TCP port (from /proc/net/tcp and tcp6: state 0A)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                return True
+    return False
+
+
+STUNNEL = Path("/usr/bin/stunnel4")
+
+
+class Stunnel:
+    """stunnel4 in daemon mode, in the foreground, one service `accept = HOST:PORT` with `exec =`
+    program: the comparison point of spec/tls.md §4. stop() sends TERM to its pid only."""
+
+    def __init__(
+        self,
+        directory: Path,
+        cert: os.PathLike[str] | str,
+        key: os.PathLike[str] | str,
+        program: Sequence[str | os.PathLike[str]],
+        *,
+        host: str = "127.0.0.1",
+        extra: Sequence[str] = (),
+    ) -> None:
+        self.port = free_port(host)
+        config = directory / f"stunnel-{self.port}.conf"
+        lines = [
+            "foreground = yes",
+            "pid =",
+            "debug = 3",
+            "[service]",
+            f"accept = {host}:{self.port}",
+            f"cert = {os.fspath(cert)}",
+            f"key = {os.fspath(key)}",
+            f"exec = {os.fspath(program[0])}",
+            "execArgs = " + " ".join(os.fspath(part) for part in program),
+            *extra,
+        ]
+        config.write_text("\n".join(lines) + "\n")
+        self.log_path = directory / f"stunnel-{self.port}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [os.fspath(STUNNEL), os.fspath(config)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+
+        def listening() -> bool:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"stunnel did not start: {self.log_path.read_text(errors='replace')}")
+            return listening_on(self.port)
+
+        # Ready once the port listens (stunnel prints nothing useful on stdout); a probing
+        # connection would cost a handshake failure and a program.
+        if not wait_until(listening, 10):
+            self.stop()
+            raise RuntimeError(f"stunnel not listening on {self.port}: {self.log_path.read_text(errors='replace')}")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def __enter__(self) -> Stunnel:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
