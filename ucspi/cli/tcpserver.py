@@ -9,10 +9,11 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ucspi.cli.getopt import GetoptError, getopt
 from ucspi.errors import EXIT_PERMANENT, EXIT_TEMPORARY, Fatal
-from ucspi.server.log import Log
+from ucspi.server.log import Exiting, Log, SignalTaken
 from ucspi.server.options import (
     ARGUMENT_LETTERS,
     FLAG_LETTERS,
@@ -26,6 +27,9 @@ from ucspi.server.options import (
     apply_options,
 )
 from ucspi.server.spawn import first_values, read_initial_environment
+
+if TYPE_CHECKING:
+    from ucspi.server.loop import Server
 
 
 def _write_fd(fd: int, data: bytes) -> None:
@@ -129,29 +133,75 @@ def _close_stdin_stdout() -> None:
     os.close(null_fd)
 
 
-# Set by serve() once $NOTIFY_SOCKET is connected: STOPPING=1 before the TERM exit.
-_before_sigterm_exit: Callable[[], None] | None = None
+# The signals the server acts on (README, Signals); HUP, INT, QUIT and the rest keep their default actions.
+_TAKEN_SIGNALS = frozenset({signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1})
+# Set by serve(): the log, whether TERM drains (--drain), what to do before an exit from the signal
+# thread (STOPPING=1, the status socket's removal), and, once the loop runs, the hand-over to it.
+_signal_log: Log | None = None
+_term_drains = False
+_before_exit: list[Callable[[], None]] = []
+_forward_signal: Callable[[int], None] | None = None
+_forwarding = threading.Lock()  # a USR1 that came before the loop ran is written once it runs
+_usr1_waiting = False
 
 
-def _wait_for_sigterm() -> None:
-    # Every other signal goes to the main thread, as before this thread existed.
-    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-    signal.sigwait({signal.SIGTERM})
-    if _before_sigterm_exit is not None:
+def _exit_at_once(number: int) -> None:
+    """0.88's TERM (and a drain asked for before the loop runs, with nothing to drain): exit 0 now."""
+    with contextlib.suppress(Exception):
+        if _signal_log is not None:
+            _signal_log.emit(SignalTaken(signal.Signals(number).name[3:].encode(), b"exit"))
+            _signal_log.emit(Exiting(0))
+    for action in _before_exit:
         with contextlib.suppress(Exception):
-            _before_sigterm_exit()
+            action()
     os._exit(0)
 
 
-def _exit_0_on_sigterm() -> None:
-    """SIGTERM exits 0 from here on (docs/behaviour.md §6.4 step 2), whatever the main thread is doing.
+def _take_signals() -> None:
+    global _usr1_waiting
+    # Every other signal goes to the main thread, as before this thread existed.
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    while True:
+        number = signal.sigwait(_TAKEN_SIGNALS)
+        if number == signal.SIGTERM and not _term_drains:
+            _exit_at_once(number)
+        with _forwarding:
+            forward = _forward_signal
+            if forward is None and number == signal.SIGUSR1:
+                _usr1_waiting = True
+                continue
+        if forward is not None:
+            forward(number)  # the loop's Server.on_signal: drain, harden, status view
+        else:
+            _exit_at_once(number)  # a drain before the loop runs: nothing to drain
 
-    Blocked here, TERM stays blocked in every thread started later, so it waits for the one
+
+def _take_signals_in_one_thread() -> None:
+    """TERM, ALRM and USR1 go to one thread from here on (docs/behaviour.md §6.4 step 2), whatever the main thread does.
+
+    Blocked here, they stay blocked in every thread started later, so each waits for the one
     thread that takes it with sigwait: no window in which a handler is not yet registered or the
-    main thread is in a system call. The programs start with an empty mask (spawn.py).
+    main thread is in a system call. TERM exits 0 from that thread itself; the others, and TERM
+    under --drain, are handed to the loop once it runs. The programs start with an empty mask
+    (spawn.py).
     """
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_wait_for_sigterm, name="sigterm", daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, _TAKEN_SIGNALS)
+    threading.Thread(target=_take_signals, name="signals", daemon=True).start()
+
+
+def _forward_signals_to(server: Server) -> None:
+    """Called on the loop once it runs: from now on the signal thread hands signals to it."""
+    global _forward_signal
+    loop = server.loop
+
+    def forward(number: int) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: the process is on its way out
+            loop.call_soon_threadsafe(server.on_signal, number)
+
+    with _forwarding:
+        _forward_signal = forward
+        if _usr1_waiting:
+            forward(signal.SIGUSR1)
 
 
 def main(long_options: Sequence[Option] = LONG_OPTIONS) -> None:
@@ -231,8 +281,9 @@ def _listeners(options: ServerOptions, host: str, port: int, environ: dict[bytes
 
 
 def serve(options: ServerOptions, operands: list[str], log: Log, initial_environment: list[bytes]) -> None:
-    global _before_sigterm_exit
-    _exit_0_on_sigterm()
+    global _signal_log, _term_drains
+    _signal_log, _term_drains = log, options.drain is not None
+    _take_signals_in_one_thread()
     from ucspi.server.listen import drop_privileges, resolve_port
 
     if not operands:
@@ -263,11 +314,23 @@ def serve(options: ServerOptions, operands: list[str], log: Log, initial_environ
     if notify_error is not None:
         log.emit(Warned(b"unable to connect to NOTIFY_SOCKET: " + notify_error.encode()))
     if notifier is not None:
-        _before_sigterm_exit = notifier.stopping
+        _before_exit.append(notifier.stopping)
+    status_socket = None
+    if options.status_socket is not None:
+        from ucspi.server.status import StatusSocket
+
+        # Made before -u/-g (its directory may be root's), and owned by the ids they give.
+        status_socket = StatusSocket.bind(options.status_socket, options.uid, options.gid)
+        _before_exit.append(status_socket.remove)
     # Made before the ids change (docs/behaviour.md §6.4 step 5), so that every module the lookups need is
     # imported while the installed package is surely readable.
     facts = PeerFacts(options, environ)
-    drop_privileges(options.uid, options.gid)
+    try:
+        drop_privileges(options.uid, options.gid)
+    except Fatal:
+        if status_socket is not None:
+            status_socket.remove()
+        raise
     if options.print_port:
         try:
             os.write(1, b"%d\n" % listeners[0].getsockname()[1])
@@ -275,7 +338,10 @@ def serve(options: ServerOptions, operands: list[str], log: Log, initial_environ
             pass
     _close_stdin_stdout()
     spawner = Spawner(program, environ.get(b"PATH"))
-    server = Server(options, listeners, spawner, Environment(initial_environment), facts, log, notifier)
+    server = Server(
+        options, listeners, spawner, Environment(initial_environment), facts, log, notifier, status_socket=status_socket
+    )
+    server.loop.call_soon(_forward_signals_to, server)
     try:
         server.run()
     except Fatal:

@@ -131,6 +131,16 @@ class Children:
         finally:
             self._on_change()
 
+    def signal_all(self, number: int) -> None:
+        """number to every running program (a drain's end). Under the table's lock: a pid listed
+        there is alive or a zombie not yet reaped, so it names no one else's process."""
+        with self._table:
+            for pid in self._running:
+                try:
+                    os.kill(pid, number)
+                except OSError:
+                    pass  # not ours to signal any more: nothing to do
+
     # -- reaping ----------------------------------------------------------------------------
 
     def on_sigchld(self, _signal: int, _frame: object) -> None:

@@ -26,7 +26,17 @@ from ucspi.errors import error_text
 from ucspi.rules.lookup import NO_RULE, Decision
 from ucspi.server.descriptors import DESCRIPTORS
 from ucspi.server.limits import Refusal, Ticket
-from ucspi.server.log import Denied, Dropped, InternalError, ProgramEnded, ProxyNoted, Served, SpawnFailed
+from ucspi.server.log import (
+    Denied,
+    Dropped,
+    InternalError,
+    ProgramEnded,
+    Proxied,
+    ProxyNoted,
+    Served,
+    SpawnFailed,
+    rule_key,
+)
 from ucspi.server.peer import DIRECT, Peer, Relay
 from ucspi.server.proxy import ProxyError, ProxyTimeout, read_header
 from ucspi.server.spawn import tcp_variables
@@ -39,11 +49,15 @@ _PROXY_TIMEOUT = 5.0  # seconds, when --proxy-timeout is not given (Postfix's de
 
 
 class Drop(Exception):
-    """An expected end of a connection without a program: `dropping connection, TEXT`."""
+    """An expected end of a connection without a program: `dropping connection, TEXT`.
 
-    def __init__(self, text: bytes) -> None:
+    code: the structured log's reason (`proxy`, `banner`, `sockname`, `cdb`).
+    """
+
+    def __init__(self, text: bytes, code: bytes = b"") -> None:
         super().__init__(text)
         self.text = text
+        self.code = code
 
 
 class Connection:
@@ -60,6 +74,7 @@ class Connection:
         "peer",
         "pid",
         "remote",
+        "rule",
         "server",
         "slot",
         "ticket",
@@ -74,6 +89,7 @@ class Connection:
         self.ticket: Ticket | None = None  # its place in the per-address and per-network counts
         self.peer: Peer | None = None
         self.pid = 0  # the program's, once spawned
+        self.rule: bytes | None = None  # the matched rule's key, for the structured log only
         self._fd_open = True
         self._spawn_pending = False  # handed to a spawning thread, its answer not back yet
         self._early_end: int | None = None  # the program was reaped before its spawn was reported
@@ -110,10 +126,13 @@ class Connection:
             else:
                 self.peer = peer = server.facts.known(local, remote)
             decision = self._rules(peer)
+            if server.log.structured and decision.key is not None:
+                self.rule = rule_key(decision.key, decision.cidr)
             if decision.deny:
+                server.denied += 1  # the status view's count
                 # No child for a denied client (differences item 1): the server's pid in the line.
                 if server.log.verbose:  # an event is built only when it will be written
-                    server.log.emit(Denied(server.pid, peer))
+                    server.log.emit(Denied(server.pid, peer, rule=self.rule))
                 self.finish()
                 return
             # The rule's variables, read once: for the limits and for the program.
@@ -129,7 +148,7 @@ class Connection:
             self._program(peer, rule_variables, limit_variables, relay)
         except Drop as drop:
             try:
-                server.log.emit(Dropped(drop.text))
+                server.log.emit(Dropped(drop.text, drop.code, self.client_ip()))
             finally:
                 self.finish()
         except Exception as error:
@@ -154,16 +173,28 @@ class Connection:
                     sock, server.loop, options.proxy_version or "any", options.proxy_timeout or _PROXY_TIMEOUT
                 )
             except ProxyError as error:
-                raise Drop(b"bad PROXY header from " + balancer + b": " + error.reason) from None
+                raise Drop(b"bad PROXY header from " + balancer + b": " + error.reason, b"proxy") from None
             except ProxyTimeout:
-                raise Drop(b"unable to read PROXY header from " + balancer + b": timed out") from None
+                raise Drop(b"unable to read PROXY header from " + balancer + b": timed out", b"proxy") from None
             except EOFError:
-                raise Drop(b"unable to read PROXY header from " + balancer + b": end of file") from None
+                raise Drop(b"unable to read PROXY header from " + balancer + b": end of file", b"proxy") from None
             except OSError as error:
                 reason = error_text(error).encode()
-                raise Drop(b"unable to read PROXY header from " + balancer + b": " + reason) from None
+                raise Drop(b"unable to read PROXY header from " + balancer + b": " + reason, b"proxy") from None
         if header.variables:
             relay = facts.relay(self.remote, header.variables)
+        if server.log.accepts:  # what the header said: structured modes only
+            source = header.source
+            server.log.emit(
+                Proxied(
+                    None if source is None else source[0].encode(),
+                    None if source is None else source[1],
+                    balancer,
+                    relay.port,
+                    header.version,
+                    b"LOCAL" if header.local else b"PROXY",
+                )
+            )
         if server.log.verbose:
             for name in header.dropped:
                 server.log.emit(ProxyNoted(b"TLV value for " + name + b" from " + balancer + b" dropped"))
@@ -194,7 +225,7 @@ class Connection:
                     finally:
                         sock.setblocking(True)  # the program gets a blocking socket, as from the original
             except OSError as error:
-                raise Drop(b"unable to print banner: " + error_text(error).encode()) from None
+                raise Drop(b"unable to print banner: " + error_text(error).encode(), b"banner") from None
 
     def _local_address(self) -> tuple:
         local = self.fixed_local
@@ -204,7 +235,7 @@ class Connection:
             with _socket_of(self.fd) as sock:
                 return sock.getsockname()
         except OSError as error:
-            raise Drop(b"unable to get local address: " + error_text(error).encode()) from None
+            raise Drop(b"unable to get local address: " + error_text(error).encode(), b"sockname") from None
 
     def _rules(self, peer: Peer) -> Decision:
         server = self.server
@@ -217,11 +248,13 @@ class Connection:
             if isinstance(error, FileNotFoundError) and server.options.allow_missing_rules:
                 return NO_RULE
             assert server.options.rules_path is not None
-            raise Drop(b"unable to read " + server.options.rules_path + b": " + error_text(error).encode()) from None
+            text = b"unable to read " + server.options.rules_path + b": " + error_text(error).encode()
+            raise Drop(text, b"cdb") from None
 
     def _refuse(self, peer: Peer, refusal: Refusal) -> None:
         """At a limit: the message once, without waiting, then EOF; no child, the slot back at once."""
         server = self.server
+        server.refused += 1  # the status view's count
         with _socket_of(self.fd) as sock:
             with contextlib.suppress(OSError):
                 if refusal.message:
@@ -233,7 +266,11 @@ class Connection:
                     if not sock.recv(65536, socket.MSG_DONTWAIT):
                         break
         if server.log.verbose:
-            server.log.emit(Denied(server.pid, peer, refusal.suffix))
+            if server.log.structured:
+                counts = refusal.counts()
+                server.log.emit(Denied(server.pid, peer, refusal.suffix, self.rule, refusal.reason, *counts))
+            else:
+                server.log.emit(Denied(server.pid, peer, refusal.suffix))
         self.finish()
 
     def _program(
@@ -287,16 +324,15 @@ class Connection:
             # The original's child logged `ok` before its exec failed; no child here, so the
             # server's own pid stands in the line (differences item 1).
             assert self.peer is not None
-            server.log.emit(SpawnFailed(server.pid, self.peer))
-            server.log.emit(
-                Dropped(b"unable to run " + server.spawner.program[0] + b": " + error_text(failure).encode())
-            )
+            server.log.emit(SpawnFailed(server.pid, self.peer, self.rule))
+            text = b"unable to run " + server.spawner.program[0] + b": " + error_text(failure).encode()
+            server.log.emit(Dropped(text, b"exec", self.peer.remote_ip))
             self.finish()
             return
         self.pid = pid
         assert self.peer is not None
         if server.log.verbose:
-            server.log.emit(Served(pid, self.peer))
+            server.log.emit(Served(pid, self.peer, self.rule))
         self._close_descriptor()  # the program has its own copies on 0 and 1
 
     def program_ended(self, wait_status: int) -> None:
@@ -306,7 +342,7 @@ class Connection:
             return
         try:
             if self.server.log.verbose:
-                self.server.log.emit(ProgramEnded(self.pid, wait_status))
+                self.server.log.emit(ProgramEnded(self.pid, wait_status, self.client_ip()))
         finally:
             self.pid = 0
             self.finish()
@@ -316,13 +352,19 @@ class Connection:
     def internal_error(self, error: BaseException) -> None:
         """A fault of ours in this connection: this client is dropped, nobody else is touched."""
         try:
-            self.server.log.emit(InternalError(type(error).__name__.encode(), _raised_at(error)))
+            self.server.log.emit(InternalError(type(error).__name__.encode(), _raised_at(error), self.client_ip()))
         finally:
             if self.pid and not self._spawn_pending:
                 # A program runs: the client is its now, and its slot is held until it is reaped.
                 self._close_descriptor()
             elif not self._spawn_pending:
                 self.finish()
+
+    def client_ip(self) -> bytes:
+        """The client's address as the log shows it: its peer's, else the accept's (IPv4 as IPv4)."""
+        if self.peer is not None:
+            return self.peer.remote_ip
+        return accepted_ip(self.remote, self.server.options.mapped_as_ipv6)
 
     def _close_descriptor(self) -> None:
         if self._fd_open:
@@ -340,6 +382,14 @@ class Connection:
             if self.ticket is not None:
                 self.ticket.give_back()
             self.slot.give_back()
+
+
+def accepted_ip(remote: tuple, mapped_as_ipv6: bool) -> bytes:
+    """An accepted client's address; an IPv4 client of a dual-stack socket shown as IPv4, as its peer will be."""
+    host = remote[0]
+    if host.startswith("::ffff:") and "." in host and not mapped_as_ipv6:
+        host = host[7:]
+    return host.encode()
 
 
 def _raised_at(error: BaseException) -> tuple[bytes, int] | None:

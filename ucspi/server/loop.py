@@ -4,7 +4,11 @@ Everything runs on one uvloop loop, but for posix_spawn calls made from worker t
 load (children.py). Each accepted client becomes a Connection (connection.py), which holds a
 slot from accept until it is denied, dropped or its program has been reaped; at the limit the
 listener leaves the loop's poll set, so new clients wait in the kernel's backlog as with the
-original.
+original. The live slots are the registry the status view reads (status.py).
+
+Signals arrive as events (cli/tcpserver.py's sigwait thread hands them to on_signal): ALRM, and
+TERM under --drain, drain (README, Signals); USR1 writes the status view. 0.88's TERM exits
+from that thread itself, whatever the loop is doing.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Sequence
 
 # Imported before -u/-g take effect: the installed package may not be readable afterwards.
@@ -25,18 +30,24 @@ from ucspi.rules.database import RulesFile
 from ucspi.server.children import Children
 from ucspi.server.connection import Connection, start_eagerly
 from ucspi.server.descriptors import DESCRIPTORS
-from ucspi.server.limits import Limits
-from ucspi.server.log import Fatal, Log, Warned, sanitize
+from ucspi.server.limits import DEFAULT_LENGTHS, Limits
+from ucspi.server.log import Draining, Exiting, Fatal, Log, SignalTaken, StatSummary, Warned, sanitize
 from ucspi.server.notify import Notifier
 from ucspi.server.options import ServerOptions
 from ucspi.server.peer import PeerFacts
 from ucspi.server.spawn import Environment, Spawner, first_values
+from ucspi.server.status import StatusSocket, client_lines, json_lines
 
 # Accepting several clients per wakeup saves a poll round trip each under load.
 _ACCEPT_BATCH = 32
 # Out of descriptors or memory: stop accepting for a moment instead of spinning.
 _ACCEPT_BACKOFF_SECONDS = 0.1
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# ALRM's deadline for the programs when --drain is not given; then TERM+CONT, and KILL this much later.
+DEFAULT_DRAIN_SECONDS = 30.0
+KILL_AFTER_SECONDS = 2.0
+# After the KILL: the reaper's moment to give each program its end line, should one linger.
+_REAP_GRACE_SECONDS = 1.0
 
 
 def _fixed_local(bound: tuple) -> tuple | None:
@@ -49,17 +60,37 @@ def _endpoint_text(address: tuple) -> str:
 
 
 class Slot:
-    """One of the -c slots, held by one connection; given back once, however often asked."""
+    """One of the -c slots, held by one connection; given back once, however often asked.
 
-    __slots__ = ("_server",)
+    Live slots are the server's registry of live connections: the status view counts them.
+    """
+
+    __slots__ = ("_server", "connection", "started")
 
     def __init__(self, server: Server) -> None:
         self._server: Server | None = server
+        self.connection: Connection | None = None
+        self.started = time.monotonic()  # at accept
+        server.live.add(self)
+
+    def client_ip(self) -> bytes:
+        """The client's address as the log shows it: after a PROXY header its own, before the lookups the accept's."""
+        connection = self.connection
+        if connection is None:
+            return b"?"
+        peer = connection.peer
+        if peer is not None:
+            return peer.remote_ip
+        host = connection.remote[0]
+        if host.startswith("::ffff:") and "." in host and not connection.server.options.mapped_as_ipv6:
+            host = host[7:]  # an IPv4 client of a dual-stack socket is shown as IPv4, as its peer will be
+        return host.encode()
 
     def give_back(self) -> None:
         server = self._server
         if server is not None:
             self._server = None
+            server.live.discard(self)
             server.slot_given_back()
 
 
@@ -74,6 +105,7 @@ class Server:
         log: Log,
         notifier: Notifier | None = None,
         connection_class: type[Connection] = Connection,
+        status_socket: StatusSocket | None = None,
     ) -> None:
         self.options = options
         self.limit = options.limit
@@ -88,6 +120,16 @@ class Server:
         # The start-up environment as getenv sees it: MAXCONNIP, MAXCONIP, MAXCONNC, DIEMSG.
         self.limits = Limits.configured(options.max_per_ip, options.max_per_net, first_values(environment.initial))
         self.slots_taken = 0
+        # The status view's counters (USR1, --status-socket) and its registry of live connections.
+        self.accepted = 0
+        self.denied = 0  # by the rules
+        self.refused = 0  # by -C, --max-per-ip, --max-per-net
+        self.live: set[Slot] = set()
+        self.started = time.monotonic()
+        self.status_socket = status_socket
+        self.draining = False
+        self._drain_phase: asyncio.TimerHandle | None = None
+        self._killing = False
         # Bound to one address, every connection's local end is its listener's: no getsockname.
         self._readers = [(listener, _fixed_local(listener.getsockname())) for listener in self.listeners]
         self.pid = os.getpid()
@@ -116,12 +158,97 @@ class Server:
             # Listening, and -u/-g already applied (cli/tcpserver.py): what READY=1 promises.
             endpoints = [_endpoint_text(listener.getsockname()) for listener in self.listeners]
             self.notifier.ready(endpoints, self.slots_taken, self.limit, loop)
+        if self.status_socket is not None:
+            self.status_socket.start(loop, self.status_json)
         loop.run_forever()
 
     def die(self, text: bytes) -> None:
         """A server that can no longer serve exits, so that its supervisor starts a new one."""
         self.log.emit(Fatal(text))
+        if self.status_socket is not None:
+            self.status_socket.remove()
         os._exit(EXIT_TEMPORARY)
+
+    # -- signals (on the loop) ----------------------------------------------------------------
+
+    def on_signal(self, number: int) -> None:
+        """ALRM, TERM under --drain, and USR1, handed over by the signal thread once the loop runs."""
+        name = signal.Signals(number).name[3:].encode()
+        if number == signal.SIGUSR1:
+            self.log.emit(SignalTaken(name, b"stat"))
+            self.write_status()
+        elif self.draining:
+            self.log.emit(SignalTaken(name, b"harden"))
+            self._harden()
+        else:
+            self.log.emit(SignalTaken(name, b"drain"))
+            self.drain(self.options.drain if self.options.drain is not None else DEFAULT_DRAIN_SECONDS)
+
+    def drain(self, deadline_seconds: float) -> None:
+        """No new client from now on; those accepted finish their path; the programs get deadline_seconds."""
+        self.draining = True
+        self._pause()
+        for listener, _ in self._readers:
+            listener.close()  # a new connect is refused from this instant
+        self._readers = []
+        if self.notifier is not None:
+            self.notifier.stopping()
+        self.log.emit(Draining(self.slots_taken, deadline_seconds))
+        if not self.live:
+            self.exit(0)
+        self._drain_phase = self.loop.call_later(deadline_seconds, self._stop_programs)
+
+    def _harden(self) -> None:
+        """A second TERM or ALRM: the deadline is now."""
+        if not self._killing:
+            if self._drain_phase is not None:
+                self._drain_phase.cancel()
+            self._stop_programs()
+
+    def _stop_programs(self) -> None:
+        self._killing = True
+        self.children.signal_all(signal.SIGTERM)
+        self.children.signal_all(signal.SIGCONT)  # a stopped program must see its TERM
+        self._drain_phase = self.loop.call_later(KILL_AFTER_SECONDS, self._kill_programs)
+
+    def _kill_programs(self) -> None:
+        self.children.signal_all(signal.SIGKILL)
+        # Each KILLed program is reaped and logged, then the last slot given back exits; this bounds
+        # it for connections still in their lookups, which have no program to end.
+        self._drain_phase = self.loop.call_later(_REAP_GRACE_SECONDS, self.exit, 0)
+
+    def exit(self, code: int) -> None:
+        self.log.emit(Exiting(code))
+        if self.status_socket is not None:
+            self.status_socket.remove()
+        os._exit(code)
+
+    # -- the status view ----------------------------------------------------------------------
+
+    def status_view(self) -> tuple[StatSummary, list]:
+        now = time.monotonic()
+        summary = StatSummary(
+            self.slots_taken,
+            self.limit,
+            self.accepted,
+            self.denied,
+            self.refused,
+            max(0, int(now - self.started)),
+        )
+        lengths = self.limits.lengths if self.limits is not None else DEFAULT_LENGTHS
+        return summary, client_lines(self.live, now, lengths)
+
+    def write_status(self) -> None:
+        """USR1: the summary, then a line per client address (written at -Q and -v, never at -q)."""
+        if not self.log.verbosity:
+            return
+        summary, clients = self.status_view()
+        self.log.emit(summary)
+        for client in clients:
+            self.log.emit(client)
+
+    def status_json(self) -> bytes:
+        return json_lines(*self.status_view())
 
     def _can_accept(self) -> bool:
         return (
@@ -166,11 +293,13 @@ class Server:
                     self.loop.call_later(_ACCEPT_BACKOFF_SECONDS, self._end_backoff)
                 break
             self.slots_taken += 1
+            self.accepted += 1
             self._slots_changed()
         self.children.alone = len(accepted) == 1
         for index, (fd, remote) in enumerate(accepted):
             # Each connection owns its slot from here on; a fault while starting one drops only it.
-            connection = self.connection_class(self, fd, remote, Slot(self), fixed_local)
+            slot = Slot(self)
+            connection = slot.connection = self.connection_class(self, fd, remote, slot, fixed_local)
             try:
                 start_eagerly(connection.run(), self.loop, self._tasks)
             except Exception as error:
@@ -182,6 +311,9 @@ class Server:
         self.slots_taken -= 1
         self._resume()
         self._slots_changed()
+        if self.draining and not self.live:
+            # The last connection is over: its lines are written; exit once the caller's are done.
+            self.loop.call_soon(self.exit, 0)
 
     def _slots_changed(self) -> None:
         """The status line, and the supervisor's STATUS= (at most one a second)."""

@@ -1,0 +1,211 @@
+"""The live status view: SIGUSR1's `stat` lines and --status-socket's JSON lines (README, Status view).
+
+The view is made on the loop in one pass over the server's live connections (the slots of
+loop.py), keeping the 100 busiest client addresses. The status socket is a UNIX stream socket
+that writes the view to each client with one send that never waits (what does not fit in the
+socket's buffer is dropped), then closes: it reads no commands, so no client can hold the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import heapq
+import os
+import socket
+import stat
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from ucspi.errors import EXIT_TEMPORARY, Fatal, error_text
+from ucspi.server.limits import DEFAULT_LENGTHS
+from ucspi.server.log import StatClient, StatSummary
+
+MAX_CLIENTS = 100  # the busiest addresses shown; the rest are counted in the summary only
+_ACCEPT_BATCH = 16  # status clients taken per wakeup: the accept loop of TCP clients comes first
+_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+class LiveConnection(Protocol):
+    """What the view needs of one live connection (loop.py's Slot)."""
+
+    started: float  # time.monotonic() at accept
+
+    def client_ip(self) -> bytes: ...
+
+
+def network_of(ip: bytes, lengths: tuple[int, int] = DEFAULT_LENGTHS) -> bytes:
+    """The prefix an address belongs to, `10.1.2.0/24` or `2001:db8::/64`; a v4-mapped address counts as IPv4."""
+    text = ip.split(b"%", 1)[0].decode("ascii", "replace")  # a link-local address's scope is no part of it
+    try:
+        if ":" in text:
+            packed = socket.inet_pton(socket.AF_INET6, text)
+            if packed.startswith(_V4_MAPPED):
+                packed = packed[12:]
+        else:
+            packed = socket.inet_pton(socket.AF_INET, text)
+    except OSError:
+        return ip  # not an address we made: shown as it is, its own network
+    bits = len(packed) * 8
+    family, length = (socket.AF_INET, lengths[0]) if bits == 32 else (socket.AF_INET6, lengths[1])
+    number = int.from_bytes(packed, "big") >> (bits - length) << (bits - length)
+    return b"%s/%d" % (socket.inet_ntop(family, number.to_bytes(bits // 8, "big")).encode(), length)
+
+
+def client_lines(
+    live: Iterable[LiveConnection], now: float, lengths: tuple[int, int] = DEFAULT_LENGTHS
+) -> list[StatClient]:
+    """One StatClient per client address with live connections, the busiest first (MAX_CLIENTS of them)."""
+    by_ip: dict[bytes, list] = {}  # ip -> [connections, oldest start]
+    for connection in live:
+        ip = connection.client_ip()
+        entry = by_ip.get(ip)
+        if entry is None:
+            by_ip[ip] = [1, connection.started]
+        else:
+            entry[0] += 1
+            if connection.started < entry[1]:
+                entry[1] = connection.started
+    networks = {ip: network_of(ip, lengths) for ip in by_ip}
+    by_network: dict[bytes, int] = {}
+    for ip, (count, _) in by_ip.items():
+        by_network[networks[ip]] = by_network.get(networks[ip], 0) + count
+    busiest = heapq.nlargest(MAX_CLIENTS, by_ip.items(), key=lambda item: (item[1][0], -item[1][1]))
+    return [
+        StatClient(ip, count, max(0, int(now - oldest)), networks[ip], by_network[networks[ip]])
+        for ip, (count, oldest) in busiest
+    ]
+
+
+def _json_text(value: bytes) -> bytes:
+    """A JSON string of bytes that are addresses of ours; anything else is escaped all the same."""
+    out = bytearray(b'"')
+    for byte in value:
+        if 0x20 <= byte < 0x7F and byte not in b'"\\':
+            out.append(byte)
+        else:
+            out += b"\\u%04x" % byte
+    out += b'"'
+    return bytes(out)
+
+
+def json_lines(summary: StatSummary, clients: list[StatClient]) -> bytes:
+    """The view as JSON lines, with the field names of the structured log (spec §5.2): summary first."""
+    lines = [
+        b'{"ev":"stat","conns":%d,"max":%d,"accepted":%d,"denied":%d,"refused":%d,"uptime_s":%d}\n'
+        % (
+            summary.connections,
+            summary.limit,
+            summary.accepted,
+            summary.denied,
+            summary.refused,
+            summary.uptime_seconds,
+        )
+    ]
+    lines.extend(
+        b'{"ev":"stat","ip":%s,"conns":%d,"oldest_s":%d,"net":%s,"netconns":%d}\n'
+        % (
+            _json_text(client.ip),
+            client.connections,
+            client.oldest_seconds,
+            _json_text(client.network),
+            client.network_connections,
+        )
+        for client in clients
+    )
+    return b"".join(lines)
+
+
+def _fatal(text: bytes, error: OSError) -> Fatal:
+    return Fatal(b"tcpserver: fatal: " + text + b": " + error_text(error).encode(), EXIT_TEMPORARY, error.errno)
+
+
+class StatusSocket:
+    """--status-socket: made before -u/-g and owned by the ids they give, served on the loop."""
+
+    def __init__(self, listener: socket.socket, path: bytes) -> None:
+        self.listener = listener
+        self.path = path
+        self._inode = os.stat(path).st_ino  # removed at exit only while the path is still ours
+        self._view: Callable[[], bytes] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def bind(cls, path: bytes, uid: int = 0, gid: int = 0) -> StatusSocket:
+        """Bound, listening, mode 0600, chowned to uid/gid (0 leaves each alone); Fatal (111) when it cannot be."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            _remove_stale(path)
+            # No moment in which the socket file is open to others: only the server's thread runs yet.
+            umask = os.umask(0o177)
+            try:
+                listener.bind(path)
+            finally:
+                os.umask(umask)
+            os.chmod(path, 0o600)
+            if uid or gid:
+                os.chown(path, uid or -1, gid or -1)
+            listener.listen(16)
+        except OSError as error:
+            listener.close()
+            raise _fatal(b"unable to bind status socket " + path, error) from None
+        return cls(listener, path)
+
+    def start(self, loop: asyncio.AbstractEventLoop, view: Callable[[], bytes]) -> None:
+        self._loop = loop
+        self._view = view
+        loop.add_reader(self.listener.fileno(), self._serve_clients)
+
+    def _serve_clients(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                client, _ = self.listener.accept()  # close-on-exec: never a program's
+            except BlockingIOError:
+                return
+            except OSError:
+                return  # out of descriptors: the client waits in the backlog for the next wakeup
+            try:
+                assert self._view is not None
+                self._answer(client, self._view())
+            finally:
+                client.close()
+
+    @staticmethod
+    def _answer(client: socket.socket, view: bytes) -> None:
+        with contextlib.suppress(OSError):
+            client.send(view, _SEND_FLAGS)  # a reader too slow for its buffer gets the view cut short
+            client.shutdown(socket.SHUT_WR)
+            # What the client wrote is read away: closing on unread data would reset the connection.
+            for _ in range(4):
+                if not client.recv(65536, socket.MSG_DONTWAIT):
+                    break
+
+    def remove(self) -> None:
+        """At exit (from the loop or the TERM thread): the socket file goes, if it is still ours."""
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+
+
+def _remove_stale(path: bytes) -> None:
+    """A socket file nobody listens on (a server that was killed) makes way; a live one is EADDRINUSE."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError:
+        return  # bind will say what is wrong
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
