@@ -15,6 +15,8 @@ from ucspi.cli.getopt import GetoptError, getopt
 from ucspi.errors import EXIT_PERMANENT, EXIT_TEMPORARY, Fatal
 from ucspi.server.log import Exiting, Log, SignalTaken
 from ucspi.server.options import (
+    ARGUMENT_LETTERS,
+    FLAG_LETTERS,
     LONG_OPTIONS,
     OPTION_TABLE,
     USAGE,
@@ -28,29 +30,6 @@ from ucspi.server.spawn import first_values, read_initial_environment
 
 if TYPE_CHECKING:
     from ucspi.server.loop import Server
-
-
-class Command:
-    """What tcpserver and sslserver (ucspi/cli/sslserver.py) do differently; the rest is one code."""
-
-    def __init__(
-        self,
-        name: str,
-        usage: str,
-        table: Sequence[Option],
-        configure: Callable[[list[tuple[str, str | None]], ServerOptions], object] | None = None,
-        start: Callable[[ServerOptions, object, dict[bytes, bytes], Log], type | None] | None = None,
-    ) -> None:
-        self.name = name
-        self.usage = usage
-        self.table = tuple(table)
-        self.flag_letters = "".join(option.name for option in table if option.argument is None)
-        self.argument_letters = "".join(option.name for option in table if option.argument is not None)
-        self.configure = configure  # its own letters, after apply_options: an object serve hands to start
-        self.start = start  # before the listeners: what it loads once; its connection class, or None
-
-
-TCPSERVER = Command("tcpserver", USAGE, OPTION_TABLE)
 
 
 def _write_fd(fd: int, data: bytes) -> None:
@@ -107,9 +86,9 @@ def version_text() -> str:
     return f"tcpserver (ucspi) {number}\n"
 
 
-def _usage_and_exit(log_usage: bool, usage: str = USAGE) -> None:
+def _usage_and_exit(log_usage: bool) -> None:
     if log_usage:
-        _write_stderr(usage)
+        _write_stderr(USAGE)
     os._exit(EXIT_PERMANENT)
 
 
@@ -228,10 +207,10 @@ def _forward_signals_to(server: Server) -> None:
             forward(signal.SIGUSR1)
 
 
-def main(long_options: Sequence[Option] = LONG_OPTIONS, command: Command = TCPSERVER) -> None:
+def main(long_options: Sequence[Option] = LONG_OPTIONS) -> None:
     """The command; tests pass rows of options to come as long_options."""
     _open_closed_standard_descriptors()
-    program_name = os.path.basename(sys.argv[0]) or command.name
+    program_name = os.path.basename(sys.argv[0]) or "tcpserver"
     arguments = sys.argv[1:]
     if arguments == ["--help"]:
         _write_fd(1, help_text(long_options).encode())
@@ -240,35 +219,32 @@ def main(long_options: Sequence[Option] = LONG_OPTIONS, command: Command = TCPSE
         _write_fd(1, version_text().encode())
         return
     try:
-        parsed, operands = getopt(arguments, command.flag_letters, command.argument_letters, long_options=True)
+        parsed, operands = getopt(arguments, FLAG_LETTERS, ARGUMENT_LETTERS, long_options=True)
     except GetoptError as error:
         _write_stderr(error.message(program_name))
-        _usage_and_exit(True, command.usage)
+        _usage_and_exit(True)
         return
     initial_environment = read_initial_environment()
     try:
-        options = apply_options(parsed, first_values(initial_environment), (*command.table, *long_options))
+        options = apply_options(parsed, first_values(initial_environment), (*OPTION_TABLE, *long_options))
     except UnknownOption as error:
         _write_stderr(error.message(program_name))
-        _usage_and_exit(True, command.usage)
+        _usage_and_exit(True)
         return
     except BadValue as error:
         # Like getopt's complaints, written whatever -q says: a command line error is never silent.
         _write_stderr(error.message)
         os._exit(error.exit_code)
-    extra = command.configure(parsed, options) if command.configure is not None else None
     unpaired = _proxy_option_without_proxy_from(options)
     if unpaired:
         _write_stderr(f"tcpserver: fatal: {unpaired} needs --proxy-from")
         os._exit(EXIT_PERMANENT)
-    from ucspi.server.log import make_log
-
-    log = make_log(options.verbosity, options.log_format, command.name.encode())
+    log = Log(options.verbosity)
     try:
-        serve(options, operands, log, initial_environment, command, extra)
+        serve(options, operands, log, initial_environment)
     except Fatal as fatal:
         if options.verbosity:
-            log.fatal_message(fatal.message)  # classic: the line as it is; logfmt, json: an event
+            _write_stderr(fatal.message)
         os._exit(fatal.exit_code)
 
 
@@ -285,13 +261,10 @@ def _proxy_option_without_proxy_from(options: ServerOptions) -> str | None:
     return next((spelling for spelling, present in given.items() if present), None)
 
 
-def _listeners(
-    options: ServerOptions, host: str, port: int, environ: dict[bytes, bytes], log: Log | None = None
-) -> list[socket.socket]:
+def _listeners(options: ServerOptions, host: str, port: int, environ: dict[bytes, bytes]) -> list[socket.socket]:
     """s6's fd 0 (--inherit=stdin), systemd's sockets when LISTEN_PID is ours, else one bound here.
 
-    Inherited sockets are the supervisor's: -b, -4's binding and -I do not apply to them. Each
-    is told to log (the structured modes' `listen` events).
+    Inherited sockets are the supervisor's: -b, -4's binding and -I do not apply to them.
     """
     from ucspi.server.listen import (
         bind_listener,
@@ -301,41 +274,29 @@ def _listeners(
         systemd_listeners,
     )
 
-    inherited = True
     if options.inherit == "stdin":
-        listeners = matching_listeners([stdin_listener()], host, port)
-    elif (from_systemd := systemd_listeners(environ, os.getpid())) is not None:
-        listeners = matching_listeners(from_systemd, host, port)
-    else:
-        local_ip = resolve_host(host, options.ipv4_only)
-        listeners = [bind_listener(local_ip, port, options.backlog, options.ipv4_only, options.interface)]
-        inherited = False
-    if log is not None:
-        log.listening(listeners, inherited)
-    return listeners
+        return matching_listeners([stdin_listener()], host, port)
+    inherited = systemd_listeners(environ, os.getpid())
+    if inherited is not None:
+        return matching_listeners(inherited, host, port)
+    local_ip = resolve_host(host, options.ipv4_only)
+    return [bind_listener(local_ip, port, options.backlog, options.ipv4_only, options.interface)]
 
 
-def serve(
-    options: ServerOptions,
-    operands: list[str],
-    log: Log,
-    initial_environment: list[bytes],
-    command: Command = TCPSERVER,
-    extra: object = None,
-) -> None:
+def serve(options: ServerOptions, operands: list[str], log: Log, initial_environment: list[bytes]) -> None:
     global _signal_log, _term_drains
     _signal_log, _term_drains = log, options.drain is not None
     _take_signals_in_one_thread()
     from ucspi.server.listen import drop_privileges, resolve_port
 
     if not operands:
-        _usage_and_exit(bool(options.verbosity), command.usage)
+        _usage_and_exit(bool(options.verbosity))
     host = operands[0]
     if len(operands) < 2:
-        _usage_and_exit(bool(options.verbosity), command.usage)
+        _usage_and_exit(bool(options.verbosity))
     port = resolve_port(operands[1])
     if len(operands) < 3:
-        _usage_and_exit(bool(options.verbosity), command.usage)
+        _usage_and_exit(bool(options.verbosity))
     program = [os.fsencode(argument) for argument in operands[2:]]
 
     # SIGINT and SIGHUP end the server as their default action does: quietly, no traceback.
@@ -350,8 +311,7 @@ def serve(
 
     # Looked up as getenv does: the first entry of a name wins.
     environ = first_values(initial_environment)
-    connection_class = command.start(options, extra, environ, log) if command.start is not None else None
-    listeners = _listeners(options, host, port, environ, log)
+    listeners = _listeners(options, host, port, environ)
     # Connected before -u/-g: the socket's path may be writable by root alone.
     notifier, notify_error = notifier_from(environ.get(b"NOTIFY_SOCKET"))
     if notify_error is not None:
@@ -385,8 +345,6 @@ def serve(
         options, listeners, spawner, Environment(initial_environment), facts, log, notifier, status_socket=status_socket
     )
     server.loop.call_soon(_forward_signals_to, server)
-    if connection_class is not None:
-        server.connection_class = connection_class
     try:
         server.run()
     except Fatal:
