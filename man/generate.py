@@ -57,7 +57,13 @@ def tcpserver_options(
     return lines
 
 
-GENERATED = {"tcpserver.1": tcpserver_options}
+def sslserver_options() -> list[str]:
+    from ucspi.tls.options import SSL_OPTION_TABLE
+
+    return tcpserver_options(SSL_OPTION_TABLE, LONG_OPTIONS)
+
+
+GENERATED = {"tcpserver.1": tcpserver_options, "sslserver.1": sslserver_options}
 
 
 def rewritten(page: str, generated: list[str]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 
-COMMANDS = ("tcpclient", "tcprules", "tcprulescheck", "tcpserver")
+COMMANDS = ("sslserver", "tcpclient", "tcprules", "tcprulescheck", "tcpserver")
 
 
 def run(command: str) -> None:

@@ -29,6 +29,17 @@ def sanitize(field: bytes) -> bytes:
     return field.translate(_PRINTABLE)
 
 
+_PRINTABLE_TEXT = bytes(b if 32 <= b <= 126 and b != 0x25 else 0x3F for b in range(256))
+
+
+def sanitize_text(text: bytes) -> bytes:
+    """A reason in words (OpenSSL's, `certificate verify failed: ...`): spaces and colons kept, else as sanitize."""
+    text = text.split(b"\x00", 1)[0]
+    if len(text) >= 2 * _FIELD_LIMIT:
+        return text[: 2 * _FIELD_LIMIT].translate(_PRINTABLE_TEXT) + b"..."
+    return text.translate(_PRINTABLE_TEXT)
+
+
 # -- the events ---------------------------------------------------------------------------
 # Verbosity: 0 (-q) nothing; 1 (-Q) warnings and fatal errors; 2 (-v) everything.
 
@@ -183,6 +194,31 @@ class Fatal(Event):
     ev = "fatal"
 
 
+# sslserver (issue 14).
+
+
+@dataclass(frozen=True, slots=True)
+class TLSAccepted(Event):
+    """At -v, a handshake done: `tls PID accept` (the server's pid); at -V `... accept PROTOCOL:CIPHER`."""
+
+    pid: int
+    protocol: bytes = b""
+    cipher: bytes = b""
+    ip: bytes | None = None
+    ev = "tls"
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFailed(Event):
+    """`dropping connection, unable to accept SSL: REASON` (the handshake) or `unable to speak SSL:` (the relay)."""
+
+    phase: bytes  # accept or speak
+    reason: bytes
+    ip: bytes | None = None
+    verbosity = 1
+    ev = "tls_fail"
+
+
 # Operations (issue 13). 0.88 writes none of these: classic mode writes only the stat lines
 # (asked for by SIGUSR1), the structured modes all of them.
 
@@ -285,6 +321,12 @@ class ClassicFormat:
                 return prefix + verdict_line(b"deny", pid, peer)[:-1] + limit + b"\n"
             case ProgramEnded(pid, wait_status):
                 return prefix + b"end %d status %d\n" % (pid, wait_status)
+            case TLSAccepted(pid, protocol, cipher):
+                if protocol:
+                    return prefix + b"tls %d accept %s:%s\n" % (pid, sanitize(protocol), sanitize(cipher))
+                return prefix + b"tls %d accept\n" % pid
+            case TLSFailed(phase, reason):
+                return prefix + b"warning: dropping connection, unable to %s SSL: %s\n" % (phase, sanitize_text(reason))
             case Dropped(reason):
                 return prefix + b"warning: dropping connection, " + reason + b"\n"
             case InternalError(type_name, place):

@@ -1,0 +1,114 @@
+"""sslserver [opts] host port program [args...]: tcpserver with TLS in front of the program (README, sslserver).
+
+The command is tcpserver's (ucspi/cli/tcpserver.py) with another description: its letters, its
+usage line, its log name, the certificates loaded once before the listeners, and its connection
+class (ucspi/tls/connection.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ucspi.cli import tcpserver
+from ucspi.errors import Fatal
+from ucspi.server.log import Log
+from ucspi.server.options import LONG_OPTIONS, ServerOptions
+from ucspi.tls.options import SSL_OPTION_TABLE, USAGE, TLSOptions, apply_tls_options
+
+
+def help_text() -> str:
+    """--help, from the option tables (as tcpserver's)."""
+    import click
+
+    formatter = click.HelpFormatter()
+    formatter.write_usage("sslserver", "[options] host port program [args...]")
+    formatter.write_paragraph()
+    formatter.write_text(
+        "Listen on HOST (0 for all addresses) and PORT; for each client, apply the rules and limits, do the"
+        " TLS handshake with the certificate of $CERTFILE (key: $KEYFILE), then run PROGRAM with the"
+        " plaintext on descriptors 0 and 1 and PROTO=SSL, SSLREMOTEIP and the rest in its environment."
+    )
+    with formatter.section("Options"):
+        formatter.write_dl(
+            [
+                (option.spelling + (f" {option.argument}" if option.argument else ""), option.help)
+                for option in SSL_OPTION_TABLE
+            ]
+        )
+    with formatter.section("Long options (before the host)"):
+        formatter.write_dl(
+            [
+                (option.spelling + (f"={option.argument}" if option.argument else ""), option.help)
+                for option in LONG_OPTIONS
+            ]
+        )
+    with formatter.section("Environment read"):
+        formatter.write_dl(
+            [
+                ("CERTFILE", "the server's certificate (PEM, may hold the chain)"),
+                ("KEYFILE", "its key; empty or unset: the key is in CERTFILE"),
+                ("CAFILE, CADIR", "trust anchors for client certificates (-m, -z)"),
+                ("CIPHERS", "OpenSSL cipher list for TLS 1.2; empty: the library's default"),
+                ("DHFILE", "DH parameters (for DHE suites)"),
+                ("CERTFILE:name, KEYFILE:name", "the pair for the SNI name NAME (s6's names; *.domain allowed)"),
+            ]
+        )
+    with formatter.section("Exit codes"):
+        formatter.write_dl(
+            [
+                ("100", "usage error"),
+                ("111", "temporary or system failure, a certificate or key not loaded"),
+                ("0", "SIGTERM"),
+            ]
+        )
+    return formatter.getvalue()
+
+
+def _configure(parsed: list[tuple[str, str | None]], options: ServerOptions) -> TLSOptions:
+    return apply_tls_options(parsed, options)
+
+
+def _start(options: ServerOptions, extra: object, environ: dict[bytes, bytes], log: Log) -> type:
+    """Before the listeners and the privilege drop: the password (-3), the certificates, once."""
+    from ucspi.errors import EXIT_TEMPORARY
+    from ucspi.tls.connection import TLSConnection
+    from ucspi.tls.context import load, read_password_fd3
+
+    assert isinstance(extra, TLSOptions)
+    password = None
+    if extra.password_on_fd3:
+        if options.inherit is None and environ.get(b"LISTEN_PID") == b"%d" % os.getpid() and environ.get(b"LISTEN_FDS"):
+            raise Fatal("sslserver: fatal: -3 with inherited listeners: fd 3 is a listener", EXIT_TEMPORARY)
+        password = read_password_fd3()
+    setup = load(extra, environ, password)
+
+    class Bound(TLSConnection):
+        __slots__ = ()
+
+    Bound.setup = setup
+    return Bound
+
+
+SSLSERVER = tcpserver.Command("sslserver", USAGE, SSL_OPTION_TABLE, _configure, _start)
+
+
+def main() -> None:
+    arguments = sys.argv[1:]
+    if arguments == ["--help"]:
+        _write_stdout(help_text().encode())
+        return
+    if arguments == ["--version"]:
+        from ucspi.cli import version_line
+
+        _write_stdout(version_line("sslserver"))
+        return
+    tcpserver.main(LONG_OPTIONS, SSLSERVER)
+
+
+def _write_stdout(data: bytes) -> None:
+    try:
+        os.write(1, data)
+    except OSError:
+        pass
+

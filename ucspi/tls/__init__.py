@@ -1,0 +1,1 @@
+"""sslserver: TLS for UCSPI programs (issue 14; the design is in README's sslserver section)."""

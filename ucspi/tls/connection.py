@@ -1,0 +1,434 @@
+"""sslserver's connection: tcpserver's path with the handshake before the program (README, sslserver).
+
+accept, PROXY header, lookups, rules (a deny costs no TLS work), limits, then:
+- without -n: the handshake (one -T deadline, on the loop), the -B banner through TLS, then the
+  program, with plaintext pipes for its fds 0 and 1 and the relay between them and the session;
+- with -n (UCSPI-TLS): the program at once on the plain, blocking socket, with SSLCTLFD,
+  SSLREADFD and SSLWRITEFD; `y`/`Y` on the control socket starts the handshake and the relay.
+The -c slot is held from accept until the relay is over and the program has been reaped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+from typing import ClassVar
+
+from ucspi.server.connection import Connection, Drop
+from ucspi.server.log import Dropped, ProgramEnded, Served, TLSAccepted, TLSFailed
+from ucspi.server.peer import Peer, Relay
+from ucspi.server.spawn import tcp_variables
+from ucspi.tls.context import TLSSetup, certificate_variables
+from ucspi.tls.options import CLIENT_CERT_MATCH
+from ucspi.tls.relay import HandshakeFailed, TLSSession
+from ucspi.tls.relay import Relay as TLSRelay
+
+
+def ssl_address_variables(peer: Peer) -> list[tuple[bytes, bytes | None]]:
+    """PROTO=SSL and the seven SSL* variables, each removed when unknown (as tcpserver's TCP*)."""
+    return [
+        (b"PROTO", b"SSL"),
+        (b"SSLLOCALIP", peer.local_ip),
+        (b"SSLLOCALPORT", b"%d" % peer.local_port),
+        (b"SSLLOCALHOST", peer.local_host),
+        (b"SSLREMOTEIP", peer.remote_ip),
+        (b"SSLREMOTEPORT", b"%d" % peer.remote_port),
+        (b"SSLREMOTEHOST", peer.remote_host),
+        (b"SSLREMOTEINFO", peer.remote_info),
+    ]
+
+
+def session_variables(setup: TLSSetup, sslobj: ssl.SSLObject, server_variables: list) -> list[tuple[bytes, bytes]]:
+    """-s: mod_ssl's SSL_* variables, as far as Python 3.11's ssl can tell them (no chains)."""
+    name, _protocol, secret_bits = sslobj.cipher() or ("", "", 0)
+    bits = int(secret_bits or 0)
+    variables: list[tuple[bytes, bytes]] = [
+        (b"SSL_PROTOCOL", os.fsencode(sslobj.version() or "")),
+        (b"SSL_CIPHER", os.fsencode(name)),
+        (b"SSL_CIPHER_EXPORT", b"true" if bits < 56 else b"false"),
+        (b"SSL_CIPHER_USEKEYSIZE", b"%d" % bits),
+        (b"SSL_CIPHER_ALGKEYSIZE", b"%d" % setup.algorithm_bits.get(name, bits)),
+        (b"SSL_VERSION_INTERFACE", b"ucspi-ssl"),
+        (b"SSL_VERSION_LIBRARY", os.fsencode(ssl.OPENSSL_VERSION)),
+    ]
+    session = sslobj.session
+    if session is not None and session.id:
+        variables.append((b"SSL_SESSION_ID", session.id.hex().encode()))
+    server_name = getattr(sslobj, "ucspi_server_name", None)
+    if server_name:
+        variables.append((b"SSL_TLS_SNI_SERVERNAME", os.fsencode(server_name)))  # s6's name
+    variables += server_variables
+    der = sslobj.getpeercert(binary_form=True)
+    if der:
+        variables += certificate_variables("SSL_CLIENT", sslobj.getpeercert() or {}, der)
+    return variables
+
+
+def name_matches(sslobj: ssl.SSLObject, peer: Peer) -> bool:
+    """-z: the client's certificate names its host name (SAN DNS, else CN) or its address (SAN IP)."""
+    certificate = sslobj.getpeercert() or {}
+    names = [value for kind, value in certificate.get("subjectAltName", ()) if kind == "DNS"]
+    addresses = [value for kind, value in certificate.get("subjectAltName", ()) if kind == "IP Address"]
+    if not names and not addresses:
+        names = [value for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"]
+    remote_ip = os.fsdecode(peer.remote_ip)
+    if any(address.lower() == remote_ip.lower() for address in addresses):
+        return True
+    host = os.fsdecode(peer.remote_host or b"").lower().rstrip(".")
+    if not host:
+        return False
+    for name in names:
+        name = name.lower().rstrip(".")
+        if name == host:
+            return True
+        if name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]:
+            return True
+    return False
+
+
+def _blob(variables: list[tuple[bytes, bytes]]) -> bytes:
+    """UCSPI-TLS's `Y` answer: NAME=value\\0 ... then one more \\0 (no bare-NAME unsets: s/qmail's parser)."""
+    return b"".join(name + b"=" + value.replace(b"\0", b"") + b"\0" for name, value in variables) + b"\0"
+
+
+class TLSConnection(Connection):
+    setup: ClassVar[TLSSetup]  # set by the command before the server starts
+
+    __slots__ = (
+        "_changes",
+        "_ctl",
+        "_program_fds",
+        "_program_over",
+        "_relay",
+        "_relay_over",
+        "_rule_variables",
+        "_session",
+        "_tls_fds",
+    )
+
+    def __init__(self, *arguments: object, **keywords: object) -> None:
+        super().__init__(*arguments, **keywords)  # type: ignore[arg-type]
+        self._program_fds: tuple[int, ...] = ()  # the program's ends: 0, 1, then the -n extras
+        self._tls_fds: tuple[int, ...] = ()  # ours: to the program's 0, from its 1
+        self._ctl: socket.socket | None = None  # -n: our end of the control socket
+        self._session: TLSSession | None = None
+        self._relay: TLSRelay | None = None
+        self._relay_over = False
+        self._program_over = False
+        self._changes: list[tuple[bytes, bytes | None]] = []
+        self._rule_variables: list[tuple[bytes, bytes]] = []
+
+    @property
+    def stdin_fd(self) -> int:
+        return self._program_fds[0] if not self.setup.options.starttls else self.fd
+
+    @property
+    def stdout_fd(self) -> int:
+        return self._program_fds[1] if not self.setup.options.starttls else self.fd
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:  # type: ignore[override]
+        return self._program_fds if self.setup.options.starttls else ()
+
+    # -- the path -----------------------------------------------------------------------------
+
+    async def _banner(self) -> None:
+        if self.setup.options.starttls:
+            await super()._banner()  # the program speaks plaintext first: so does the banner
+            return
+        if self.server.options.no_delay:
+            try:
+                self.fd_socket_option()
+            except OSError as error:
+                raise Drop(b"unable to set TCP_NODELAY: " + os.fsencode(str(error))) from None
+
+    def fd_socket_option(self) -> None:
+        sock = socket.socket(fileno=self.fd)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        finally:
+            sock.detach()
+
+    def _program(
+        self,
+        peer: Peer,
+        rule_variables: list[tuple[bytes, bytes]],
+        limit_variables: list[tuple[bytes, bytes | None]],
+        relay: Relay | None,
+    ) -> None:
+        options = self.setup.options
+        changes = ssl_address_variables(peer)
+        if options.tcp_variables:
+            changes += [change for change in tcp_variables(peer, relay) if change[0] != b"PROTO"]
+        elif relay is not None:
+            changes += [change for change in tcp_variables(peer, relay)[len(tcp_variables(peer)) :]]
+        changes += limit_variables
+        self._changes = changes
+        self._rule_variables = rule_variables
+        if options.starttls:
+            self._start_program_plain(rule_variables)
+            return
+        from ucspi.server.connection import start_eagerly
+
+        start_eagerly(self._handshake_then_program(), self.server.loop, self.server._tasks)
+
+    async def _handshake_then_program(self) -> None:
+        server = self.server
+        try:
+            session = self._new_session()
+            try:
+                await session.handshake(self.setup.options.handshake_timeout)
+            except HandshakeFailed as failure:
+                server.log.emit(TLSFailed(b"accept", os.fsencode(failure.reason), self.client_ip()))
+                self.finish()
+                return
+            if not self._client_accepted(session):
+                self.finish()
+                return
+            self._log_accept(session)
+            changes = list(self._changes)
+            if self.setup.options.ssl_variables:
+                changes += session_variables(self.setup, session.ssl, self._server_variables(session))
+            changes += self._rule_variables
+            # Pipes: the program's ends blocking (as a program expects), ours made non-blocking by the relay.
+            to_program_read, to_program_write = os.pipe()
+            from_program_read, from_program_write = os.pipe()
+            self._program_fds = (to_program_read, from_program_write)
+            self._tls_fds = (to_program_write, from_program_read)
+            self._spawn(changes)
+        except Drop as drop:
+            try:
+                server.log.emit(Dropped(drop.text, drop.code, self.client_ip()))
+            finally:
+                self.finish()
+        except Exception as error:
+            self.internal_error(error)
+
+    def _new_session(self) -> TLSSession:
+        session = TLSSession(self.server.loop, self.fd, self.setup.context)
+        self._session = session
+        if self.setup.by_name:
+            session.ssl.ucspi_server_name = None  # type: ignore[attr-defined]
+        return session
+
+    def _server_variables(self, session: TLSSession) -> list:
+        found = self.setup.for_name(getattr(session.ssl, "ucspi_server_name", None))
+        return found[1] if found is not None else self.setup.server_variables
+
+    def _client_accepted(self, session: TLSSession) -> bool:
+        if self.setup.options.client_cert == CLIENT_CERT_MATCH:
+            assert self.peer is not None
+            if not name_matches(session.ssl, self.peer):
+                self.server.log.emit(Dropped(b"client name does not match certificate", b"tls", self.client_ip()))
+                return False
+        return True
+
+    def _log_accept(self, session: TLSSession) -> None:
+        server = self.server
+        if server.log.verbose:
+            if self.setup.options.log_cipher:
+                cipher = session.ssl.cipher()
+                protocol = os.fsencode(session.ssl.version() or "")
+                event = TLSAccepted(server.pid, protocol, os.fsencode(cipher[0] if cipher else ""), self.client_ip())
+            else:
+                event = TLSAccepted(server.pid, ip=self.client_ip())
+            server.log.emit(event)
+
+    def _spawn(self, changes: list[tuple[bytes, bytes | None]]) -> None:
+        environment = self.server.environment.build(changes)
+        self._spawn_pending = True
+        try:
+            self.server.children.start(self, environment)
+        except BaseException:
+            self._spawn_pending = False
+            raise
+
+    # -- -n: UCSPI-TLS ------------------------------------------------------------------------
+
+    def _start_program_plain(self, rule_variables: list[tuple[bytes, bytes]]) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._ctl = ours
+        ours.setblocking(False)
+        to_program_read, to_program_write = os.pipe()
+        from_program_read, from_program_write = os.pipe()
+        self._program_fds = (theirs.detach(), to_program_read, from_program_write)
+        self._tls_fds = (to_program_write, from_program_read)
+        control, reading, writing = self._program_fds
+        changes = list(self._changes)
+        changes += [(b"SSLCTLFD", b"%d" % control), (b"SSLREADFD", b"%d" % reading), (b"SSLWRITEFD", b"%d" % writing)]
+        changes += rule_variables
+        self._spawn(changes)
+
+    def _on_control(self) -> None:
+        ctl = self._ctl
+        if ctl is None:
+            return
+        try:
+            command = ctl.recv(1)
+        except BlockingIOError:
+            return
+        except OSError:
+            command = b""
+        self.server.loop.remove_reader(ctl.fileno())
+        if command in (b"y", b"Y"):
+            from ucspi.server.connection import start_eagerly
+
+            start_eagerly(self._starttls(command == b"Y"), self.server.loop, self.server._tasks)
+            return
+        if command:
+            self.server.log.emit(Dropped(b"unknown UCSPI-TLS command " + _printable(command), b"tls", self.client_ip()))
+            self._terminate_program()
+        # EOF: the program declined TLS (or ended); it keeps the plain connection to itself.
+        self._relay_over = True
+        self._close_descriptor()
+        self._end_if_over()
+
+    async def _starttls(self, send_variables: bool) -> None:
+        server = self.server
+        try:
+            session = self._new_session()
+            try:
+                await session.handshake(self.setup.options.handshake_timeout)
+            except HandshakeFailed as failure:
+                server.log.emit(TLSFailed(b"accept", os.fsencode(failure.reason), self.client_ip()))
+                self._after_failed_starttls()
+                return
+            if not self._client_accepted(session):
+                self._after_failed_starttls()
+                return
+            self._log_accept(session)
+            ctl = self._ctl
+            if ctl is not None:
+                if send_variables:
+                    blob = _blob(session_variables(self.setup, session.ssl, self._server_variables(session)))
+                    try:
+                        await server.loop.sock_sendall(ctl, blob)
+                    except OSError:
+                        pass  # the program went away: the relay finds out
+                # Closed after the blob, so that readers to EOF (s6) and to the double NUL both stop.
+                ctl.close()
+                self._ctl = None
+            self._start_relay(session)
+        except Exception as error:
+            self.internal_error(error)
+
+    def _after_failed_starttls(self) -> None:
+        """The program must not hang: SIGTERM (as fehcom's), and EOF on every descriptor it has from us."""
+        self._terminate_program()
+        self._relay_over = True
+        self._close_descriptor()
+        self._end_if_over()
+
+    def _terminate_program(self) -> None:
+        if self.pid and not self._spawn_pending:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+                os.kill(self.pid, signal.SIGCONT)
+            except OSError:
+                pass
+
+    # -- after the spawn ----------------------------------------------------------------------
+
+    def spawned(self, pid: int, failure: BaseException | None) -> None:
+        server = self.server
+        for fd in self._program_fds:  # the program has its own copies now (or never will)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._program_fds = ()
+        if failure is not None:
+            super().spawned(pid, failure)  # logs and finishes
+            return
+        self.pid = pid
+        assert self.peer is not None
+        if server.log.verbose:
+            server.log.emit(Served(pid, self.peer, self.rule))
+        if self.setup.options.starttls:
+            assert self._ctl is not None
+            server.loop.add_reader(self._ctl.fileno(), self._on_control)
+            return
+        assert self._session is not None
+        self._start_relay(self._session)
+
+    def _start_relay(self, session: TLSSession) -> None:
+        to_program, from_program = self._tls_fds
+        self._tls_fds = ()
+        banner = self.server.options.banner if not self.setup.options.starttls else b""
+        relay = TLSRelay(session, to_program, from_program, self.setup.options.idle_timeout, self._relay_ended, banner)
+        self._relay = relay
+        if self._program_over:
+            relay.program_gone()
+        relay.start()
+
+    def _relay_ended(self, reason: str | None) -> None:
+        try:
+            if reason is not None:
+                self.server.log.emit(TLSFailed(b"speak", os.fsencode(reason), self.client_ip()))
+        finally:
+            self._relay_over = True
+            self._close_descriptor()
+            self._end_if_over()
+
+    def program_ended(self, wait_status: int) -> None:
+        if self._spawn_pending:
+            self._early_end = wait_status
+            return
+        try:
+            if self.server.log.verbose:
+                self.server.log.emit(ProgramEnded(self.pid, wait_status, self.client_ip()))
+        finally:
+            self.pid = 0
+            self._program_over = True
+            relay = self._relay
+            if relay is not None and not relay.over:
+                relay.program_gone()
+            elif self._ctl is not None and self._session is None:
+                # -n and the program ended without a word: EOF on the control socket says so too.
+                pass
+            self._end_if_over()
+
+    def _end_if_over(self) -> None:
+        if self._program_over and self._relay_over:
+            self.finish()
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def _close_descriptor(self) -> None:
+        relay = self._relay
+        if relay is not None:
+            relay.stop()
+        session = self._session
+        if session is not None and relay is None:
+            for writing in (False, True):  # a handshake cut short may still be watching
+                try:
+                    (self.server.loop.remove_writer if writing else self.server.loop.remove_reader)(self.fd)
+                except Exception:
+                    pass
+        ctl = self._ctl
+        if ctl is not None:
+            self._ctl = None
+            try:
+                self.server.loop.remove_reader(ctl.fileno())
+            except Exception:
+                pass
+            ctl.close()
+        for fd in (*self._tls_fds, *self._program_fds):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._tls_fds = self._program_fds = ()
+        super()._close_descriptor()
+
+    def internal_error(self, error: BaseException) -> None:
+        self._relay_over = True
+        if self.pid and not self._spawn_pending:
+            self._program_over = False  # its reaping finishes the connection
+        super().internal_error(error)
+
+
+def _printable(data: bytes) -> bytes:
+    return b"".join(bytes([byte]) if 33 <= byte <= 126 else b"\\x%02x" % byte for byte in data)
