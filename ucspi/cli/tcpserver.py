@@ -239,12 +239,14 @@ def main(long_options: Sequence[Option] = LONG_OPTIONS) -> None:
     if unpaired:
         _write_stderr(f"tcpserver: fatal: {unpaired} needs --proxy-from")
         os._exit(EXIT_PERMANENT)
-    log = Log(options.verbosity)
+    from ucspi.server.log import make_log
+
+    log = make_log(options.verbosity, options.log_format, b"tcpserver")
     try:
         serve(options, operands, log, initial_environment)
     except Fatal as fatal:
         if options.verbosity:
-            _write_stderr(fatal.message)
+            log.fatal_message(fatal.message)  # classic: the line as it is; logfmt, json: an event
         os._exit(fatal.exit_code)
 
 
@@ -261,10 +263,13 @@ def _proxy_option_without_proxy_from(options: ServerOptions) -> str | None:
     return next((spelling for spelling, present in given.items() if present), None)
 
 
-def _listeners(options: ServerOptions, host: str, port: int, environ: dict[bytes, bytes]) -> list[socket.socket]:
+def _listeners(
+    options: ServerOptions, host: str, port: int, environ: dict[bytes, bytes], log: Log | None = None
+) -> list[socket.socket]:
     """s6's fd 0 (--inherit=stdin), systemd's sockets when LISTEN_PID is ours, else one bound here.
 
-    Inherited sockets are the supervisor's: -b, -4's binding and -I do not apply to them.
+    Inherited sockets are the supervisor's: -b, -4's binding and -I do not apply to them. Each
+    is told to log (the structured modes' `listen` events).
     """
     from ucspi.server.listen import (
         bind_listener,
@@ -274,13 +279,18 @@ def _listeners(options: ServerOptions, host: str, port: int, environ: dict[bytes
         systemd_listeners,
     )
 
+    inherited = True
     if options.inherit == "stdin":
-        return matching_listeners([stdin_listener()], host, port)
-    inherited = systemd_listeners(environ, os.getpid())
-    if inherited is not None:
-        return matching_listeners(inherited, host, port)
-    local_ip = resolve_host(host, options.ipv4_only)
-    return [bind_listener(local_ip, port, options.backlog, options.ipv4_only, options.interface)]
+        listeners = matching_listeners([stdin_listener()], host, port)
+    elif (from_systemd := systemd_listeners(environ, os.getpid())) is not None:
+        listeners = matching_listeners(from_systemd, host, port)
+    else:
+        local_ip = resolve_host(host, options.ipv4_only)
+        listeners = [bind_listener(local_ip, port, options.backlog, options.ipv4_only, options.interface)]
+        inherited = False
+    if log is not None:
+        log.listening(listeners, inherited)
+    return listeners
 
 
 def serve(options: ServerOptions, operands: list[str], log: Log, initial_environment: list[bytes]) -> None:
@@ -311,7 +321,7 @@ def serve(options: ServerOptions, operands: list[str], log: Log, initial_environ
 
     # Looked up as getenv does: the first entry of a name wins.
     environ = first_values(initial_environment)
-    listeners = _listeners(options, host, port, environ)
+    listeners = _listeners(options, host, port, environ, log)
     # Connected before -u/-g: the socket's path may be writable by root alone.
     notifier, notify_error = notifier_from(environ.get(b"NOTIFY_SOCKET"))
     if notify_error is not None:

@@ -90,6 +90,29 @@ class Refusal:
 
     suffix: bytes  # ` MAXCONNIP:n` or ` MAXCONNC:n/len`
     message: bytes
+    # For the structured log: which limit, and the counts as they stood (a limit not applied: -1).
+    reason: bytes = b"maxconnip"
+    ip_count: int = 0
+    per_ip: int = -1
+    net_count: int = 0
+    per_net: int = -1
+    net: tuple[int, int] = (32, 0)
+    net_length: int = 0
+
+    def counts(self) -> tuple[int, int | None, int | None, int | None, bytes | None]:
+        """(ipconns, ipmax, netconns, netmax, net): the limits that apply, None for those that do not."""
+        if self.per_net == _NO_LIMIT:
+            return self.ip_count, self.per_ip, None, None, None
+        ip_max = None if self.per_ip == _NO_LIMIT else self.per_ip
+        return self.ip_count, ip_max, self.net_count, self.per_net, network_text(self.net, self.net_length)
+
+
+def network_text(net: tuple[int, int], length: int) -> bytes:
+    """A network key of Limits.keys as text: `10.1.2.0/24`, `2001:db8::/64`."""
+    bits, number = net
+    family = socket.AF_INET if bits == 32 else socket.AF_INET6
+    packed = (number << (bits - length) if length else 0).to_bytes(bits // 8, "big")
+    return b"%s/%d" % (socket.inet_ntop(family, packed).encode(), length)
 
 
 class Ticket:
@@ -171,10 +194,19 @@ class Limits:
         if per_ip != _NO_LIMIT and from_ip >= per_ip:
             # When both limits hit, the per-address one is reported.
             message = die_message if die_message is not None else self._ip_message
-            return None, Refusal(b" MAXCONNIP:%d" % per_ip, message), from_ip
-        if per_net != _NO_LIMIT and self._by_net.get(net, 0) >= per_net:
+            refusal = Refusal(
+                b" MAXCONNIP:%d" % per_ip, message, b"maxconnip", from_ip, per_ip,
+                self._by_net.get(net, 0), per_net, net, self._length(net),
+            )  # fmt: skip
+            return None, refusal, from_ip
+        if per_net != _NO_LIMIT and (from_net := self._by_net.get(net, 0)) >= per_net:
             message = die_message if die_message is not None else self._net_message
-            return None, Refusal(b" MAXCONNC:%d/%d" % (per_net, self._length(net)), message), from_ip
+            length = self._length(net)
+            refusal = Refusal(
+                b" MAXCONNC:%d/%d" % (per_net, length), message, b"maxconnc", from_ip, per_ip,
+                from_net, per_net, net, length,
+            )  # fmt: skip
+            return None, refusal, from_ip
         self._by_ip[ip] = from_ip + 1
         self._by_net[net] = self._by_net.get(net, 0) + 1
         return Ticket(self, ip, net), None, from_ip

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import socket
+    from collections.abc import Sequence
+
     from ucspi.server.peer import Peer
 
 # Bytes < 33 or > 126, "%" (logger stupidity, says djb) and ":" (the field separator) become "?".
@@ -454,6 +457,14 @@ class Log:
 
     def warning(self, text: bytes) -> None:
         self.emit(Warned(text))
+
+    def listening(self, listeners: Sequence[socket.socket], inherited: bool) -> None:
+        """The structured modes' `listen` events, one per socket served (nothing in classic)."""
+        if self.accepts:
+            for listener in listeners:
+                ip, port = listener.getsockname()[:2]
+                family = b"ipv6" if ":" in ip else b"ipv4"
+                self.emit(Listening(ip.encode(), port, listener.fileno(), family, inherited))
 
     def status(self, children: int, limit: int) -> None:
         if self.verbosity >= 2:

@@ -28,7 +28,7 @@ import uvloop
 from ucspi.errors import EXIT_TEMPORARY
 from ucspi.rules.database import RulesFile
 from ucspi.server.children import Children
-from ucspi.server.connection import Connection, start_eagerly
+from ucspi.server.connection import Connection, accepted_ip, start_eagerly
 from ucspi.server.descriptors import DESCRIPTORS
 from ucspi.server.limits import DEFAULT_LENGTHS, Limits
 from ucspi.server.log import Draining, Exiting, Fatal, Log, SignalTaken, StatSummary, Warned, sanitize
@@ -293,6 +293,8 @@ class Server:
                     self.loop.call_later(_ACCEPT_BACKOFF_SECONDS, self._end_backoff)
                 break
             self.slots_taken += 1
+            if self.log.accepts:  # structured modes at -v only: nothing built otherwise
+                self._log_accept(*accepted[-1], fixed_local)
             self.accepted += 1
             self._slots_changed()
         self.children.alone = len(accepted) == 1
@@ -320,6 +322,23 @@ class Server:
         self.log.status(self.slots_taken, self.limit)
         if self.notifier is not None:
             self.notifier.status(self.slots_taken, self.limit)
+
+    def _log_accept(self, fd: int, remote: tuple, fixed_local: tuple | None) -> None:
+        """The structured modes' `accept` event: the client's and the local address, the slots taken."""
+        from ucspi.server.log import Accepted
+
+        local = fixed_local
+        if local is None:
+            sock = socket.socket(fileno=fd)
+            try:
+                local = sock.getsockname()
+            except OSError:
+                pass  # left out of the event; the connection's path says what is wrong
+            finally:
+                sock.detach()
+        ip = accepted_ip(remote, self.options.mapped_as_ipv6)
+        lip = None if local is None else accepted_ip(local, self.options.mapped_as_ipv6)
+        self.log.emit(Accepted(ip, remote[1], lip, None if local is None else local[1], self.slots_taken))
 
     def internal_error(self, error: BaseException | None) -> None:
         """A fault no connection owns: said in one line, and the loop goes on."""
