@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 import types
 from collections.abc import Coroutine, Generator
 from typing import TYPE_CHECKING, Any
@@ -342,7 +343,10 @@ class Connection:
             return
         try:
             if self.server.log.verbose:
-                self.server.log.emit(ProgramEnded(self.pid, wait_status, self.client_ip()))
+                log = self.server.log
+                # From accept to the reap: the structured modes' dur_ms.
+                took = int((time.monotonic() - self.slot.started) * 1000) if log.structured else None
+                log.emit(ProgramEnded(self.pid, wait_status, self.client_ip(), took))
         finally:
             self.pid = 0
             self.finish()
