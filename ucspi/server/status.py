@@ -147,7 +147,7 @@ class StatusSocket:
             os.chmod(path, 0o600)
             if uid or gid:
                 os.chown(path, uid or -1, gid or -1)
-            listener.listen(16)
+            listener.listen(64)
         except OSError as error:
             listener.close()
             raise _fatal(b"unable to bind status socket " + path, error) from None
