@@ -111,4 +111,3 @@ def _write_stdout(data: bytes) -> None:
         os.write(1, data)
     except OSError:
         pass
-

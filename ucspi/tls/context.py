@@ -169,6 +169,9 @@ def read_password_fd3() -> bytes:
 def _new_context(options: TLSOptions, environ: dict[bytes, bytes]) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.options |= ssl.OP_NO_RENEGOTIATION  # a client-driven renegotiation is a CPU lever
+    # A FIN without close_notify ends the peer's side as ssl_io takes it; without this, OpenSSL 3
+    # makes the session unusable, and the program's last reply (`221 bye`) could not be sent.
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     ciphers = environ.get(b"CIPHERS")
     if ciphers:  # empty: the library's default, as ucspi-ssl
         try:
@@ -251,6 +254,7 @@ def load(options: TLSOptions, environ: dict[bytes, bytes], password: bytes | Non
         server_name = os.fsdecode(name[len(b"CERTFILE:") :]).lower().rstrip(".")
         keyfile = environ.get(b"KEYFILE:" + name[len(b"CERTFILE:") :])
         setup.by_name[server_name] = _load_pair(options, environ, certfile, keyfile, password)
+
     def on_server_name(sslobj: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext) -> None:
         sslobj.ucspi_server_name = server_name  # type: ignore[attr-defined]  # SSL_TLS_SNI_SERVERNAME
         found = setup.for_name(server_name)
