@@ -820,9 +820,9 @@ def run_rows(
         )
     report.add(
         "",
-        "Allowed connections per second: C's, and each server's as a ratio to C. Program `/bin/true` unless "
-        "the row says; K clients in flight. The rules rows run C and ours only "
-        "(tcpsvd's and xinetd's rules are other formats).",
+        "Connections per second (allowed ones; in the deny flood, denied ones): C's, and each server's as a "
+        "ratio to C. Program `/bin/true` unless the row says; K clients in flight. The rules rows run C and "
+        "ours only (tcpsvd's and xinetd's rules are other formats). The floor is floor 2t.",
         "",
         *rate_table(runs, names),
         "",
