@@ -299,11 +299,13 @@ def wait_for_event(server: ServerProcess, mode: str, ev: str, count: int = 1, ti
 @pytest.mark.parametrize("mode", MODES)
 def test_a_server_s_events_parse_back(tmp_path: Path, mode: str) -> None:
     cdb = rules_cdb(tmp_path, "127.0.0.2:deny\n127.0.0.0/8:allow\n", tcprules=OUR_TCPRULES)
-    with server_in(mode, ["-H", "-R", "-l0", "-C", "1", "-x", os.fspath(cdb)], host="0") as server:
+    options = ["-H", "-R", "-l0", "-C", "1", "--max-per-net=1", "-x", os.fspath(cdb)]
+    with server_in(mode, options, host="0") as server:
         with connect(server.port) as held:
             wait_for_event(server, mode, "ok")
             assert talk(server.port) == b""  # 127.0.0.1 again: refused by -C 1
             assert talk(server.port, source="127.0.0.2") == b""  # the rule's deny
+            assert talk(server.port, source="127.0.0.3") == b""  # its /24 is full
             held.shutdown(socket.SHUT_WR)
             assert read_to_eof(held) == b"served\n"
         wait_for_event(server, mode, "end")
@@ -317,18 +319,22 @@ def test_a_server_s_events_parse_back(tmp_path: Path, mode: str) -> None:
     assert (listen["ip"], number(listen["port"]), listen["family"]) == ("0.0.0.0", server.port, "ipv4")
     assert listen["inherited"] in (False, "false")
     accepts = of_kind(found, "accept")
-    assert len(accepts) == 3 and all(event["lip"] in ("127.0.0.1",) for event in accepts[:2])
+    assert len(accepts) == 4 and all(event["lip"] == "127.0.0.1" for event in accepts[:2])
     (ok,) = of_kind(found, "ok")
     assert (ok["ip"], ok["lip"], ok["rule"]) == ("127.0.0.1", "127.0.0.1", "127.0.0.0/8")
     assert number(ok["lport"]) == server.port and "host" not in ok and number(ok["pid"]) > 0
-    limit, rule = of_kind(found, "deny")
+    limit, rule, network = of_kind(found, "deny")
     assert (limit["reason"], number(limit["ipconns"]), number(limit["ipmax"]), limit["rule"]) == (
         "maxconnip",
         1,
         1,
         "127.0.0.0/8",
     )
+    assert (number(limit["netconns"]), number(limit["netmax"]), limit["net"]) == (1, 1, "127.0.0.0/24")
     assert (rule["reason"], rule["ip"], rule["rule"]) == ("rule", "127.0.0.2", "127.0.0.2")
+    assert "ipconns" not in rule
+    assert (network["reason"], network["ip"], network["net"]) == ("maxconnc", "127.0.0.3", "127.0.0.0/24")
+    assert (number(network["ipconns"]), number(network["ipmax"]), number(network["netconns"])) == (0, 1, 1)
     (end,) = of_kind(found, "end")
     assert (number(end["pid"]), end["ip"], number(end["status"])) == (number(ok["pid"]), "127.0.0.1", 0)
     assert 0 <= number(end["dur_ms"]) < 10_000
@@ -336,6 +342,7 @@ def test_a_server_s_events_parse_back(tmp_path: Path, mode: str) -> None:
     assert [event["sig"] for event in of_kind(found, "signal")] == ["USR1", "TERM"]
     assert number(of_kind(found, "exit")[-1]["code"]) == 0
     assert {number(event["conns"]) for event in of_kind(found, "status")} == {0, 1, 2}
+    assert number(of_kind(found, "stat")[0]["refused"]) == 2
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -533,3 +540,40 @@ def test_bad_log_format_is_a_usage_error() -> None:
     )
     assert result.returncode == 100
     assert result.stderr.startswith(b"tcpserver: fatal: bad value for --log: yaml")
+
+
+# -- faults ---------------------------------------------------------------------------------------
+
+FAULTS = Path(__file__).resolve().parents[1] / "support" / "faults.py"
+PYTHON = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python"
+
+
+def _faulty_server(mode: str, target: str, calls: list[int]) -> ServerProcess:
+    spec = json.dumps([{"target": target, "calls": calls}])
+    options = ["-v", f"--log={mode}", "-HRl0"]
+    return start_server("tcpserver", options, ["sh", "-c", "echo served"], wrapper=[PYTHON, FAULTS, spec])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_internal_error_is_a_drop_line(mode: str) -> None:
+    with _faulty_server(mode, "ucspi.server.peer:PeerFacts.known", [1]) as server:
+        assert talk(server.port) == b""
+        assert talk(server.port) == b"served\n"
+        wait_for_event(server, mode, "end")
+        found = events(server.log(), mode)
+    (drop,) = of_kind(found, "drop")
+    assert (drop["ip"], drop["reason"], drop["text"]) == ("127.0.0.1", "internal", "InjectedFault")
+    assert str(drop["file"]).endswith(".py") and number(drop["line"]) > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fault_in_the_format_still_writes_a_line_of_the_format(mode: str) -> None:
+    # peer_pairs makes the ok line's addresses: its first call fails, the line becomes a warning.
+    with _faulty_server(mode, "ucspi.server.logformats:peer_pairs", [1]) as server:
+        assert talk(server.port) == b"served\n"
+        assert talk(server.port) == b"served\n"
+        wait_for_event(server, mode, "end", count=2)
+        found = events(server.log(), mode)
+    (warning,) = of_kind(found, "warning")
+    assert warning["text"] == "internal error: InjectedFault"
+    assert len(of_kind(found, "ok")) == 1
