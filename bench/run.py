@@ -114,6 +114,7 @@ class LoadResult:
     first_p50_us: int = 0  # connect to the first byte, over the connections that got one
     first_p99_us: int = 0
     cpu_us: float = 0.0  # the server's own CPU per allowed connection (its children excluded)
+    first: int = 0  # the connections that got a byte
 
 
 def build(work: Path, source: str) -> Path:
@@ -281,6 +282,7 @@ def run_load(loadgen: Path, port: int, clients: int, count: int, seconds: float)
         int(fields["p99_us"]),
         int(fields["first_p50_us"]),
         int(fields["first_p99_us"]),
+        first=int(fields["first"]),
     )
 
 
@@ -848,6 +850,15 @@ def run_rows(
         for scenario, results in runs
         for name, values in results.items()
         if any(r.failed for r in values)
+    ]
+    # A server that closes a connection at once (a limit, a refusal) is "done" to the load
+    # generator; in the byte rows, a connection without its byte shows the program never ran.
+    failures += [
+        f"{name} {sum(r.done - r.first for r in values)} without the program's byte in {scenario.name}"
+        for scenario, results in runs
+        if scenario.first_byte
+        for name, values in results.items()
+        if any(r.first < r.done for r in values)
     ]
     report.add("", "Failed connections: " + ("; ".join(failures) if failures else "none") + ".")
     if "baseline" in names:
