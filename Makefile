@@ -17,13 +17,30 @@ PIP := --quiet --disable-pip-version-check --cache-dir=$(PIP_CACHE)
 
 all: test
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml setup.py ucspi/server/_spawn.c bin/tcpserver.c bin/tcpserver.py
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install $(PIP) -e '.[test]'
+	$(call launcher,$(VENV)/bin)
 	touch $@
 
+# tcpserver's native launcher (bin/tcpserver.c), compiled into $(1)/tcpserver over the entry
+# point and, in a checkout, into bin/tcpserver. Where $(CC) fails (none installed, or CC=false
+# to try the fallback: setuptools then leaves out the extension too), bin/tcpserver is the
+# Python launcher bin/tcpserver.py and $(1)/tcpserver the entry point. Renamed into place: a
+# server starting meanwhile finds the old file or the new one.
+define launcher
+	if $(CC) -O2 -Wall -o $(1)/.tcpserver.new bin/tcpserver.c; then \
+	    mv -f $(1)/.tcpserver.new $(1)/tcpserver; \
+	    if [ "$(1)" = "$(VENV)/bin" ]; then cp $(1)/tcpserver bin/.tcpserver.new && mv -f bin/.tcpserver.new bin/tcpserver; fi; \
+	else \
+	    echo "make: no C compiler ($(CC)): tcpserver starts through Python, and softlimit -m needs room for it" >&2; \
+	    rm -f $(1)/.tcpserver.new; \
+	    if [ "$(1)" = "$(VENV)/bin" ]; then ln -sfn tcpserver.py bin/.tcpserver.new && mv -Tf bin/.tcpserver.new bin/tcpserver; fi; \
+	fi
+endef
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ucspi tests bench man bin/ucspi-launcher bin/tcpserver
+	$(VENV)/bin/ruff check ucspi tests bench man bin/ucspi-launcher bin/tcpserver.py
 
 # -rs: every skipped test says why (the original not installed, not root, ...).
 test: $(STAMP) lint
@@ -78,6 +95,7 @@ install:
 	done
 	$(PYTHON) -m venv $(DEST)/lib/ucspi
 	$(DEST)/lib/ucspi/bin/python -m pip install $(PIP) .
+	$(call launcher,$(DEST)/lib/ucspi/bin)
 	mkdir -p $(DEST)/bin $(DEST)/share/man/man1
 	for command in $(COMMANDS); do ln -sfn $(DEST)/lib/ucspi/bin/$$command $(DEST)/bin/$$command; done
 	for page in $(PAGES); do cp $$page $(DEST)/share/man/man1/ && chmod 644 $(DEST)/share/man/man1/$${page#man/}; done

@@ -1,6 +1,8 @@
 #!/usr/bin/python3 -IS
-"""tcpserver (and tcpclient, a link to this file) from a checkout: run the virtualenv's command
-of that name, or say that `make` comes first.
+"""The fallback launcher: bin/tcpserver where `make` found no C compiler (bin/tcpserver.c is the
+native one). tcpserver (and tcpclient, sslserver, links to it) from a checkout: run the
+virtualenv's command of that name, or say that `make` comes first. Python needs tens of
+megabytes before any code runs, so under this launcher `softlimit -m` must leave room for it.
 
 It hands its environment on exactly as it was given: same entries, same order, duplicates and
 entries without `=` included, since the command passes it to its program byte for byte. So it

@@ -186,7 +186,7 @@ def test_unknown_long_option_is_a_usage_error(arguments: list[str], stderr: list
 def test_version_goes_to_stdout_and_exits_0() -> None:
     outcome = command_line(OUR_SERVER, ["--version"])
     assert (outcome.exit_code, outcome.log) == (0, [])
-    assert re.fullmatch(rb"tcpserver \(ucspi\) [0-9][0-9A-Za-z.+-]*\n", outcome.replies[0])
+    assert re.fullmatch(rb"tcpserver \(ucspi\) [0-9][0-9A-Za-z.+-]*, spawn: [a-z_ ()]+\n", outcome.replies[0])
 
 
 def test_long_option_after_the_host_is_the_programs() -> None:

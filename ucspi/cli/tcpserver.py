@@ -26,7 +26,13 @@ from ucspi.server.options import (
     UnknownOption,
     apply_options,
 )
-from ucspi.server.spawn import first_values, read_initial_environment
+from ucspi.server.spawn import (
+    THREAD_STACK_SIZE,
+    first_values,
+    read_initial_environment,
+    spawn_path,
+    take_launcher_marker,
+)
 
 if TYPE_CHECKING:
     from ucspi.server.loop import Server
@@ -83,7 +89,7 @@ def version_text() -> str:
         number = version("ucspi")
     except PackageNotFoundError:
         number = "unknown"
-    return f"tcpserver (ucspi) {number}\n"
+    return f"tcpserver (ucspi) {number}, spawn: {spawn_path()}\n"
 
 
 def _usage_and_exit(log_usage: bool) -> None:
@@ -209,6 +215,11 @@ def _forward_signals_to(server: Server) -> None:
 
 def main(long_options: Sequence[Option] = LONG_OPTIONS) -> None:
     """The command; tests pass rows of options to come as long_options."""
+    # First: the native launcher's marker leaves argv, and the mask we were started with is
+    # recorded before any thread blocks a signal (spawn.py).
+    take_launcher_marker(sys.argv)
+    # Sized here, not by RLIMIT_STACK: under `softlimit -m` each thread would reserve that much.
+    threading.stack_size(THREAD_STACK_SIZE)
     _open_closed_standard_descriptors()
     program_name = os.path.basename(sys.argv[0]) or "tcpserver"
     arguments = sys.argv[1:]

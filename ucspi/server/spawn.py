@@ -1,42 +1,108 @@
-"""The program's environment and its start with posix_spawn (docs/behaviour.md §6.6, 6.7).
+"""The program's environment and its start (docs/behaviour.md §6.6, 6.7).
 
-posix_spawn is called through ctypes, not os.posix_spawn: ctypes releases the GIL while the
-vfork'd child execs, and takes the environment as a raw array, so it can pass what the original
-passes (duplicate entries, entries without `=`, the empty name a rule can set) in its order.
+Two ways to start it, the same program state either way:
+- the C extension ucspi.server._spawn: clone(CLONE_VM|CLONE_VFORK) and execve with the GIL
+  released, on the calling thread's stack;
+- where it was not built (no compiler) or UCSPI_NO_EXTENSION=1 forces it, posix_spawn through
+  ctypes (not os.posix_spawn: ctypes releases the GIL too, and takes the environment as a raw
+  array, so duplicate entries, entries without `=` and the empty name pass as the original
+  passes them, in its order).
+
+The native launcher (bin/tcpserver.c) starts Python with the soft resource limits lifted to the
+hard ones, so that Python has room under `softlimit -m`; it tells us in an argv marker what they
+were, and which signals were ignored before Python changed any (take_launcher_marker).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import heapq
 import os
 import signal
 from collections.abc import Sequence
+from typing import Any
 
 from ucspi.environ import first_values, pathexec_changes, read_initial_environment  # noqa: F401 - re-exported
 from ucspi.server.peer import Peer, Relay
 from ucspi.server.proxy import TLV_VARIABLE_NAMES
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-# Opaque glibc structures: 80 and 336 bytes on x86-64; room to spare for other ABIs.
-_FileActions = ctypes.c_char * 1024
-_Attributes = ctypes.c_char * 1024
-_SigSet = ctypes.c_char * 128
+try:
+    from ucspi.server import _spawn as _extension
+except ImportError:  # built without a compiler: the ctypes path
+    _extension = None  # type: ignore[assignment]
 
-_posix_spawn = _libc.posix_spawn
-_posix_spawn.restype = ctypes.c_int
-_posix_spawn.argtypes = [
-    ctypes.POINTER(ctypes.c_int),
-    ctypes.c_char_p,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-    ctypes.POINTER(ctypes.c_char_p),
-    ctypes.POINTER(ctypes.c_char_p),
-]
-_POSIX_SPAWN_SETSIGDEF = 0x04
-_POSIX_SPAWN_SETSIGMASK = 0x08
+# Read once, at start; like the supervisor's variables it never reaches a program.
+_FORCE_CTYPES = os.environb.get(b"UCSPI_NO_EXTENSION") == b"1"
+USE_EXTENSION = _extension is not None and not _FORCE_CTYPES
+
+
+# Every thread's stack (threading.stack_size, set first in main): RLIMIT_STACK, which
+# `softlimit -m` sets too, would otherwise size each one. Our threads never recurse deeply.
+THREAD_STACK_SIZE = 1 << 20
+
+
+def spawn_path() -> str:
+    """Which way programs start, for --version."""
+    return "vfork extension" if USE_EXTENSION else "posix_spawn (ctypes)"
+
+
+# -- what the launcher saw before Python started ---------------------------------------------
+
+LAUNCHER_MARKER = "--ucspi-launcher="
+
+
+class StartState:
+    """The server's state at exec, which the program must get back: soft limits, ignored signals, mask."""
+
+    def __init__(self) -> None:
+        # (resource, soft, hard) for each soft limit the launcher raised; empty: none raised.
+        self.lifted_limits: tuple[tuple[int, int, int], ...] = ()
+        # Ignored before Python started (None: no launcher; Python's own SIGPIPE and SIGXFSZ
+        # are then taken for defaults, as a plain exec usually gives them).
+        self.ignored: frozenset[int] | None = None
+        self.mask: frozenset[int] = frozenset()
+
+
+START = StartState()
+
+
+def _parse_marker(marker: str) -> tuple[tuple[tuple[int, int, int], ...], frozenset[int]]:
+    limits: list[tuple[int, int, int]] = []
+    ignored = 0
+    for field in marker[len(LAUNCHER_MARKER) :].split(","):
+        key, _, value = field.partition("=")
+        if key == "ignored":
+            ignored = int(value, 16)
+        elif key == "limit":
+            resource, soft, hard = (int(part) for part in value.split(":"))
+            limits.append((resource, soft, hard))
+    return tuple(limits), frozenset(number for number in range(1, 65) if ignored >> (number - 1) & 1)
+
+
+def take_launcher_marker(argv: list[str]) -> None:
+    """main()'s first step: argv[1], the launcher's marker, taken out of argv and read; the mask
+    the server was started with recorded. Before any thread starts or blocks a signal.
+
+    Under the ctypes path nothing could restore the limits in the program, so they are put back
+    here, on the server itself: softlimit then works as it did before the launcher.
+    """
+    START.mask = frozenset(int(number) for number in signal.pthread_sigmask(signal.SIG_BLOCK, ()))
+    if len(argv) < 2 or not argv[1].startswith(LAUNCHER_MARKER):
+        return
+    START.lifted_limits, START.ignored = _parse_marker(argv.pop(1))
+    if USE_EXTENSION:
+        # The kernel names the process after the interpreter; ps and pgrep know it as tcpserver.
+        _extension.set_name(os.fsencode(os.path.basename(argv[0]))[:15] or b"tcpserver")
+        return
+    if START.lifted_limits:
+        import resource
+
+        def value(limit: int) -> int:
+            return resource.RLIM_INFINITY if limit >= 1 << 63 else limit  # the launcher writes it unsigned
+
+        for number, soft, hard in START.lifted_limits:
+            resource.setrlimit(number, (value(soft), value(hard)))
+        START.lifted_limits = ()
 
 
 def _ipv4_variables(peer: Peer) -> list[tuple[bytes, bytes | None]]:
@@ -108,11 +174,13 @@ def tcp_variables(peer: Peer, relay: Relay | None = None) -> list[tuple[bytes, b
 # systemd's hand-over to us alone (sd_listen_fds, sd_notify): a program that saw them could take
 # the listeners for its own or send READY=1/STOPPING=1 in our name (README, differences item 12).
 SUPERVISOR_VARIABLES = frozenset({b"LISTEN_PID", b"LISTEN_FDS", b"LISTEN_FDNAMES", b"LISTEN_PIDFDID", b"NOTIFY_SOCKET"})
+# Ours alone too: the switch to the ctypes path (read once at start, above).
+_NOT_FOR_PROGRAMS = SUPERVISOR_VARIABLES | {b"UCSPI_NO_EXTENSION"}
 
 
 def without_supervisor_variables(entries: list[bytes]) -> list[bytes]:
-    """entries but those naming a SUPERVISOR_VARIABLES variable (every one, duplicates too)."""
-    return [entry for entry in entries if entry.partition(b"=")[0] not in SUPERVISOR_VARIABLES or b"=" not in entry]
+    """entries but those naming a SUPERVISOR_VARIABLES variable or UCSPI_NO_EXTENSION (every one, duplicates too)."""
+    return [entry for entry in entries if entry.partition(b"=")[0] not in _NOT_FOR_PROGRAMS or b"=" not in entry]
 
 
 class Environment:
@@ -180,8 +248,26 @@ class Environment:
         ]
 
 
-def _null_terminated(items: Sequence[bytes]) -> ctypes.Array:
-    return (ctypes.c_char_p * (len(items) + 1))(*items, None)
+def _signals_to_default() -> set[int]:
+    """The signals the program gets at SIG_DFL whatever the server has them at (handlers always go).
+
+    The original's child uncatches TERM, CHLD and PIPE; every other signal it inherited as
+    ignored stays ignored. Python ignores PIPE and XFSZ before our code runs: XFSZ goes back to
+    its default unless the launcher saw it ignored, and so does any other signal ignored now
+    that the launcher saw at its default.
+    """
+    numbers = {int(signal.SIGPIPE), int(signal.SIGCHLD), int(signal.SIGTERM)}
+    if START.ignored is None:
+        return numbers | {int(signal.SIGXFSZ)}
+    for number in signal.valid_signals():
+        if number not in START.ignored and signal.getsignal(number) is signal.SIG_IGN:
+            numbers.add(int(number))
+    return numbers
+
+
+def _program_mask() -> set[int]:
+    # The original's child unblocks only SIGCHLD (which its parent blocks) of the mask it inherited.
+    return set(START.mask) - {int(signal.SIGCHLD)}
 
 
 class Spawner:
@@ -189,51 +275,17 @@ class Spawner:
 
     def __init__(self, program: Sequence[bytes], search_path: bytes | None) -> None:
         self.program = list(program)
-        self._argv = _null_terminated(self.program)
-        self._path_entries = (search_path if search_path is not None else b"/bin:/usr/bin").split(b":")
-        self._attributes = self._make_attributes()
-        self._file_actions: dict[int, _FileActions] = {}
-
-    @staticmethod
-    def _make_attributes() -> _Attributes:
-        attributes = _Attributes()
-        _libc.posix_spawnattr_init(attributes)
-        # Python ignores SIGPIPE and SIGXFSZ; the original's child has every handler at default.
-        # Signals the server inherited as ignored stay ignored for the child, as in the original.
-        defaults = _SigSet()
-        _libc.sigemptyset(defaults)
-        for number in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTERM):
-            _libc.sigaddset(defaults, int(number))
-        empty_mask = _SigSet()
-        _libc.sigemptyset(empty_mask)
-        _libc.posix_spawnattr_setsigdefault(attributes, defaults)
-        _libc.posix_spawnattr_setsigmask(attributes, empty_mask)
-        _libc.posix_spawnattr_setflags(attributes, ctypes.c_short(_POSIX_SPAWN_SETSIGDEF | _POSIX_SPAWN_SETSIGMASK))
-        return attributes
-
-    def _actions_for(self, stdin_fd: int, stdout_fd: int, pass_fds: tuple[int, ...]) -> _FileActions:
-        # One prepared set of file actions per descriptor layout: numbers are reused all the time.
-        key = (stdin_fd, stdout_fd, *pass_fds)
-        actions = self._file_actions.get(key)
-        if actions is None:
-            if len(self._file_actions) >= 4096:  # layouts with pass_fds vary more: keep it bounded
-                self._file_actions.clear()
-            actions = _FileActions()
-            _libc.posix_spawn_file_actions_init(actions)
-            _libc.posix_spawn_file_actions_adddup2(actions, stdin_fd, 0)
-            _libc.posix_spawn_file_actions_adddup2(actions, stdout_fd, 1)
-            for fd in pass_fds:
-                # dup2 of a descriptor onto itself clears its close-on-exec flag (glibc 2.29 on).
-                _libc.posix_spawn_file_actions_adddup2(actions, fd, fd)
-            self._file_actions[key] = actions
-        return actions
-
-    def _candidates(self) -> list[bytes]:
+        self.path = spawn_path()
+        path_entries = (search_path if search_path is not None else b"/bin:/usr/bin").split(b":")
         name = self.program[0]
-        if b"/" in name:
-            return [name]
-        # pathexec: an empty PATH element means the current directory.
-        return [(directory or b".") + b"/" + name for directory in self._path_entries]
+        # pathexec: a name with `/` is tried alone; else each PATH entry, empty meaning ".".
+        self._candidates = (name,) if b"/" in name else tuple((entry or b".") + b"/" + name for entry in path_entries)
+        self._argv = tuple(self.program)
+        self._ctypes: _CtypesSpawn | None = None
+        if USE_EXTENSION:
+            _extension.configure(sorted(_signals_to_default()), sorted(_program_mask()), START.lifted_limits)
+        else:
+            self._ctypes = _CtypesSpawn(self._argv)
 
     def spawn(
         self, stdin_fd: int, stdout_fd: int, environment: Sequence[bytes], pass_fds: tuple[int, ...] = ()
@@ -242,11 +294,93 @@ class Spawner:
 
         stdin_fd and stdout_fd become the program's 0 and 1 (the same connection for tcpserver,
         two pipes for sslserver); pass_fds stay open in the program at their own numbers.
+        environment: the entries exactly as the program gets them.
         """
-        envp = _null_terminated(environment)
+        if self._ctypes is None:
+            return _extension.spawn(self._candidates, self._argv, environment, stdin_fd, stdout_fd, pass_fds)
+        return self._ctypes.spawn(self._candidates, stdin_fd, stdout_fd, environment, pass_fds)
+
+
+class _CtypesSpawn:
+    """posix_spawn through ctypes: the path where the extension was not built, or is switched off."""
+
+    def __init__(self, argv: tuple[bytes, ...]) -> None:
+        import ctypes
+        import ctypes.util
+
+        self._ctypes = ctypes
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        self._libc = libc
+        self._posix_spawn = libc.posix_spawn
+        self._posix_spawn.restype = ctypes.c_int
+        self._posix_spawn.argtypes = [
+            ctypes.POINTER(ctypes.c_int),
+            ctypes.c_char_p,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_char_p),
+            ctypes.POINTER(ctypes.c_char_p),
+        ]
+        # Opaque glibc structures: 80 and 336 bytes on x86-64; room to spare for other ABIs.
+        self._file_actions_type = ctypes.c_char * 1024
+        self._argv = self._null_terminated(argv)
+        self._attributes = self._make_attributes()
+        self._file_actions: dict[tuple[int, ...], Any] = {}
+
+    def _null_terminated(self, items: Sequence[bytes]) -> Any:
+        return (self._ctypes.c_char_p * (len(items) + 1))(*items, None)
+
+    def _signal_set(self, numbers: set[int]) -> Any:
+        # Bits set directly: sigaddset refuses glibc's internal signals 32 and 33.
+        words = [0] * 16
+        for number in numbers:
+            words[(number - 1) // 64] |= 1 << ((number - 1) % 64)
+        return (self._ctypes.c_uint64 * 16)(*words)
+
+    def _make_attributes(self) -> Any:
+        attributes = (self._ctypes.c_char * 1024)()
+        libc = self._libc
+        libc.posix_spawnattr_init(attributes)
+        # 32 and 33 too: posix_spawn's child otherwise leaves glibc's internal signals ignored,
+        # and SIG_IGN would outlive the exec.
+        defaults = self._signal_set(_signals_to_default() | {32, 33})
+        mask = self._signal_set(_program_mask() - {32, 33})
+        libc.posix_spawnattr_setsigdefault(attributes, defaults)
+        libc.posix_spawnattr_setsigmask(attributes, mask)
+        setsigdef, setsigmask = 0x04, 0x08
+        libc.posix_spawnattr_setflags(attributes, self._ctypes.c_short(setsigdef | setsigmask))
+        return attributes
+
+    def _actions_for(self, stdin_fd: int, stdout_fd: int, pass_fds: tuple[int, ...]) -> Any:
+        # One prepared set of file actions per descriptor layout: numbers are reused all the time.
+        key = (stdin_fd, stdout_fd, *pass_fds)
+        actions = self._file_actions.get(key)
+        if actions is None:
+            if len(self._file_actions) >= 4096:  # layouts with pass_fds vary more: keep it bounded
+                self._file_actions.clear()
+            actions = self._file_actions_type()
+            libc = self._libc
+            libc.posix_spawn_file_actions_init(actions)
+            libc.posix_spawn_file_actions_adddup2(actions, stdin_fd, 0)
+            libc.posix_spawn_file_actions_adddup2(actions, stdout_fd, 1)
+            for fd in pass_fds:
+                # dup2 of a descriptor onto itself clears its close-on-exec flag (glibc 2.29 on).
+                libc.posix_spawn_file_actions_adddup2(actions, fd, fd)
+            self._file_actions[key] = actions
+        return actions
+
+    def spawn(
+        self,
+        candidates: tuple[bytes, ...],
+        stdin_fd: int,
+        stdout_fd: int,
+        environment: Sequence[bytes],
+        pass_fds: tuple[int, ...],
+    ) -> int:
+        ctypes = self._ctypes
+        envp = self._null_terminated(environment)
         actions = self._actions_for(stdin_fd, stdout_fd, pass_fds)
         saved_error = 0
-        candidates = self._candidates()
         for candidate in candidates:
             # A cheap stat first: a missing file would cost a whole vfork to find out.
             if len(candidates) > 1:
@@ -257,7 +391,7 @@ class Spawner:
                 except OSError:
                     pass  # let the spawn report it, as execve would
             pid = ctypes.c_int(0)
-            result = _posix_spawn(ctypes.byref(pid), candidate, actions, self._attributes, self._argv, envp)
+            result = self._posix_spawn(ctypes.byref(pid), candidate, actions, self._attributes, self._argv, envp)
             if result == 0:
                 return pid.value
             if result != errno.ENOENT:
