@@ -724,7 +724,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer connections and rounds: a smoke run (< 2 min)")
     parser.add_argument("--rss", action="store_true", help="only the memory part (C, ours and a baseline)")
     parser.add_argument("--memory-connections", type=int, help="default 100,000 (--quick: 10,000)")
-    parser.add_argument("--memory-seconds", type=float, default=120.0, help="the bound on each server's memory run")
+    parser.add_argument(
+        "--memory-seconds", type=float, default=120.0, help="the bound on each server's memory run (default 120)"
+    )
     parser.add_argument(
         "--baseline", metavar="COMMIT", help="also run this commit's server, in the same rounds (e.g. HEAD, v1.0)"
     )
