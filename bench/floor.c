@@ -5,7 +5,8 @@
  * Listens on 127.0.0.1, port 0, prints the port on a line (as `tcpserver -1` does), then THREADS
  * threads each loop: accept, vfork, in the child dup2 the connection onto 0 and 1 and execve
  * PROGRAM with the server's environment; the parent closes the connection. No rules, no
- * environment variables, no log, no limit on concurrency; SIGCHLD ignored, so the kernel reaps.
+ * environment variables, no log, no limit on concurrency; SIGCHLD ignored, so the kernel reaps
+ * (the program gets it back at its default).
  * What every server must pay (the program's own exec above all) is left; anything a real server
  * spends beyond it shows as the distance to this row. Ends on SIGTERM (its default action).
  */
@@ -38,8 +39,11 @@ static void *serve(void *unused)
     }
     pid_t pid = vfork();
     if (pid == 0) {
-      /* dup2 clears close-on-exec on 0 and 1; the listener and fd itself close at the exec. */
+      /* dup2 clears close-on-exec on 0 and 1; the listener and fd itself close at the exec. An
+       * ignored SIGCHLD would outlive the exec: the program gets the default back (the child's
+       * dispositions are its own copy, so the server's stay). */
       if (dup2(fd, 0) == -1 || dup2(fd, 1) == -1) _exit(111);
+      signal(SIGCHLD, SIG_DFL);
       execve(program[0], program, environ);
       _exit(111);
     }
