@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import select
 import signal
 import socket
 import struct
@@ -577,3 +578,60 @@ def test_a_fault_in_the_format_still_writes_a_line_of_the_format(mode: str) -> N
     (warning,) = of_kind(found, "warning")
     assert warning["text"] == "internal error: InjectedFault"
     assert len(of_kind(found, "ok")) == 1
+
+
+def _lines_until(stream: int, ending: bytes, timeout: float = 5.0) -> list[bytes]:
+    """stderr lines up to one containing ending; TimeoutError when it does not come in time."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while ending not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(data)
+        ready, _, _ = select.select([stream], [], [], left)
+        if ready:
+            chunk = os.read(stream, 65536)
+            if not chunk:
+                break
+            data += chunk
+    return data.splitlines()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_inherited_socket_s_listen_event(mode: str) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        server = subprocess.Popen(
+            [
+                os.fspath(OUR_SERVER.command),
+                "-v",
+                f"--log={mode}",
+                "--inherit=stdin",
+                "-HRl0",
+                "127.0.0.1",
+                "0",
+                "true",
+            ],
+            stdin=listener.fileno(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={"PATH": os.environ["PATH"]},
+        )
+    try:
+        assert server.stderr is not None
+        lines = _lines_until(server.stderr.fileno(), b"status")
+    finally:
+        server.terminate()
+        server.wait(5)
+        if server.stderr is not None:
+            server.stderr.close()
+    listen = parsed(lines[0], mode)
+    assert (listen["ev"], listen["ip"], number(listen["port"]), listen["inherited"]) == (
+        "listen",
+        "127.0.0.1",
+        port,
+        True if mode == "json" else "true",
+    )
+    assert number(listen["fd"]) >= 3  # moved off fd 0
