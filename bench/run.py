@@ -20,9 +20,9 @@ also gives its own CPU per allowed connection (utime + stime of the server proce
 children excluded, from /proc/PID/stat around the measured load), and a `/bin/echo` row (one
 byte out) gives the first-byte latency, from connect to the first byte, p50 and p99. The memory
 part measures our RSS with `-H -R` at start and after --memory-connections connections (bounded
-in time); `--rss` runs only that part. The load comes from bench/loadgen.c and the floor from
-bench/floor.c, both compiled here with gcc. Results go to stdout and to bench/results/latest.md
-(or --output).
+in time); `--rss` runs only that part, and writes bench/results/rss.md. The load comes from
+bench/loadgen.c and the floor from bench/floor.c, both compiled here with gcc. Results go to
+stdout and to bench/results/latest.md (or --output).
 
 --baseline=COMMIT adds that commit's server as one more contestant in the same rounds. Its tree
 is extracted with `git archive` into the scratch directory (removed at the end) and run by our
@@ -55,6 +55,7 @@ from typing import IO
 TOP = Path(__file__).resolve().parent.parent
 BENCH = TOP / "bench"
 RESULTS = BENCH / "results" / "latest.md"
+RSS_RESULTS = BENCH / "results" / "rss.md"
 C_SERVER = "/usr/bin/tcpserver"
 C_TCPRULES = "/usr/bin/tcprules"
 OURS = str(TOP / ".venv" / "bin" / "tcpserver")
@@ -730,8 +731,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--baseline", metavar="COMMIT", help="also run this commit's server, in the same rounds (e.g. HEAD, v1.0)"
     )
-    parser.add_argument("--output", type=Path, default=RESULTS, help=f"the Markdown report (default {RESULTS})")
+    parser.add_argument(
+        "--output", type=Path, help=f"the Markdown report (default {RESULTS}; with --rss, {RSS_RESULTS})"
+    )
     arguments = parser.parse_args(argv)
+    # The memory part alone does not replace the whole run's report.
+    output = arguments.output or (RSS_RESULTS if arguments.rss else RESULTS)
     for needed in (C_SERVER, C_TCPRULES, OURS):
         if not os.access(needed, os.X_OK):
             print(f"bench: {needed} is missing (apt-get install ucspi-tcp; make)", file=sys.stderr)
@@ -794,8 +799,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.add(*tcprules_part(rule_lines, rounds))
     report.add("", f"The whole run took {(time.monotonic() - started) / 60:.1f} min.")
 
-    arguments.output.parent.mkdir(parents=True, exist_ok=True)
-    arguments.output.write_text("\n".join(report.lines) + "\n")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("\n".join(report.lines) + "\n")
     return 0
 
 
