@@ -12,9 +12,11 @@ p50/p99/max. Not run by the tests: `python bench/status_bench.py [--rate 500 --s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -77,32 +79,37 @@ def _paced_worker(port: int, phase: Phase, start: float, rate: float, total: int
             phase.lateness.append(began - due)
 
 
-def _reader(path: Path, stop: threading.Event, times: list[float], lines: list[int]) -> None:
-    while not stop.is_set():
-        began = time.monotonic()
-        data = b""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-            client.settimeout(5)
-            try:
-                client.connect(os.fspath(path))
-                while chunk := client.recv(65536):
-                    data += chunk
-            except OSError:
-                continue
-        times.append(time.monotonic() - began)
-        lines.append(data.count(b"\n"))
+# The reader runs in a process of its own: in this one it would take the GIL from the load.
+_READER = r"""
+import json, os, socket, sys, time
+path, seconds = sys.argv[1], float(sys.argv[2])
+times, lines = [], []
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    began = time.monotonic()
+    data = b""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(5)
+        try:
+            client.connect(path)
+            while chunk := client.recv(65536):
+                data += chunk
+        except OSError:
+            continue
+    times.append(time.monotonic() - began)
+    lines.append(data.count(b"\n"))
+print(json.dumps({"times": times, "lines": lines}))
+"""
 
 
 def run_phase(port: int, rate: float, seconds: float, threads: int, status_path: Path | None) -> str:
     phase = Phase()
     total = int(rate * seconds)
-    stop = threading.Event()
-    read_times: list[float] = []
-    read_lines: list[int] = []
     reader = None
     if status_path is not None:
-        reader = threading.Thread(target=_reader, args=(status_path, stop, read_times, read_lines), daemon=True)
-        reader.start()
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _READER, os.fspath(status_path), str(seconds + 0.1)], stdout=subprocess.PIPE
+        )
     start = time.monotonic() + 0.1
     workers = [
         threading.Thread(target=_paced_worker, args=(port, phase, start, rate, total), daemon=True)
@@ -113,9 +120,12 @@ def run_phase(port: int, rate: float, seconds: float, threads: int, status_path:
     for worker in workers:
         worker.join(seconds + 30)
     elapsed = time.monotonic() - start
-    stop.set()
+    read_times: list[float] = []
+    read_lines: list[int] = []
     if reader is not None:
-        reader.join(10)
+        output, _ = reader.communicate(timeout=30)
+        report = json.loads(output)
+        read_times, read_lines = report["times"], report["lines"]
     text = (
         f"done {len(phase.times)} failed {phase.failed} rate {len(phase.times) / elapsed:.0f}/s"
         f" connect-to-EOF p50 {_percentile(phase.times, 0.5) * 1000:.2f} ms"
