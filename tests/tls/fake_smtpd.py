@@ -87,7 +87,7 @@ class Session:
             verb = verb.upper()
             if verb == b"QUIT":
                 self.reply(b"221 fake.example bye\r\n")
-                self.log(event="quit")
+                self.log(event="quit", control=self.control_state())
                 return 0
             handler = getattr(self, "do_" + verb.decode("latin-1"), None)
             if handler is None:
@@ -204,6 +204,23 @@ class Session:
         self.starttls_done = True
         self.mail_from, self.recipients, self.authenticated = None, [], False
         return None
+
+    def control_state(self) -> str:
+        """What SSLCTLFD holds now, without waiting: "eof" (the server closed it), "open" (nothing to
+        read), "data:..." (bytes the server wrote after the blob), "closed" (ours is closed), "none"."""
+        control = os.environ.get("SSLCTLFD")
+        if control is None:
+            return "none"
+        try:
+            os.set_blocking(int(control), False)
+            data = os.read(int(control), 4096)
+        except BlockingIOError:
+            return "open"
+        except ConnectionResetError:
+            return "eof"
+        except OSError:
+            return "closed"
+        return "eof" if not data else "data:" + data.decode("latin-1")
 
     def read_blob(self, control_fd: int, until: str) -> bytes:
         """The Y blob: VAR=value\\0 ... \\0, read to the double NUL (or to EOF); the raw bytes."""

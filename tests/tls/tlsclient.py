@@ -23,6 +23,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -433,20 +434,36 @@ def start_sslserver(
     variables: Mapping[bytes, bytes] | None = None,
     *,
     host: str = "127.0.0.1",
+    port: int = 0,
     pass_fds: Sequence[int] = (),
+    wrapper: Sequence[str | os.PathLike[str]] = (),
     command: Path = SSLSERVER,
 ) -> serverproc.ServerProcess:
-    """`sslserver -1 OPTIONS HOST 0 PROGRAM` with PATH plus variables (CERTFILE, KEYFILE, ...) in
-    its environment, listening; its port read from stdout. A server that does not start raises
-    RuntimeError with its stderr."""
-    return serverproc.start_server(
+    """`sslserver -1 OPTIONS HOST PORT PROGRAM` with PATH plus variables (CERTFILE, KEYFILE, ...) in
+    its environment, listening; its port read from stdout (wrapper: a command line that runs it,
+    as serverproc.launch says). A server that does not start raises RuntimeError with its stderr."""
+    process = serverproc.launch(
         command,
-        list(options),
-        [os.fspath(part) for part in program],
-        host=host,
+        ["-1", *options, host, str(port), *(os.fspath(part) for part in program)],
         environment=serverproc.plain_environment(variables),
         pass_fds=pass_fds,
+        wrapper=wrapper,
     )
+    assert process.stdout is not None and process.stderr is not None
+    log = serverproc._LogLines()
+    reader = threading.Thread(target=serverproc._collect, args=(process.stderr, log), daemon=True)
+    reader.start()
+    try:
+        line = serverproc._read_line(process.stdout.fileno(), serverproc.START_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        process.wait(5)
+        raise
+    if not line.endswith(b"\n") or not line[:-1].isdigit():
+        process.wait(5)
+        reader.join(1)
+        raise RuntimeError(f"{command} did not start: stdout {line!r}, stderr {log.snapshot()!r}")
+    return serverproc.ServerProcess(process, int(line), reader, log)
 
 
 def fake_smtpd(log: os.PathLike[str] | str, *options: str) -> list[str]:
