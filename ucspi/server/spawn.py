@@ -287,9 +287,7 @@ class Spawner:
         else:
             self._ctypes = _CtypesSpawn(self._argv)
 
-    def spawn(
-        self, stdin_fd: int, stdout_fd: int, environment: Sequence[bytes], pass_fds: tuple[int, ...] = ()
-    ) -> int:
+    def spawn(self, stdin_fd: int, stdout_fd: int, environment: Sequence[bytes], pass_fds: tuple[int, ...] = ()) -> int:
         """The child's pid; raises OSError with the errno the original's execvp would report.
 
         stdin_fd and stdout_fd become the program's 0 and 1 (the same connection for tcpserver,
