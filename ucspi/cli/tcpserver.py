@@ -141,6 +141,8 @@ def _close_stdin_stdout() -> None:
 
 # The signals the server acts on (README, Signals); HUP, INT, QUIT and the rest keep their default actions.
 _TAKEN_SIGNALS = frozenset({signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1})
+# ALRM and USR1 inherited as ignored stay ignored, as 0.88 leaves them (it never catches them).
+_taken_signals = _TAKEN_SIGNALS
 # Set by serve(): the log, whether TERM drains (--drain), what to do before an exit from the signal
 # thread (STOPPING=1, the status socket's removal), and, once the loop runs, the hand-over to it.
 _signal_log: Log | None = None
@@ -169,7 +171,7 @@ def _take_signals() -> None:
     # Every other signal goes to the main thread, as before this thread existed.
     signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     while True:
-        number = signal.sigwait(_TAKEN_SIGNALS)
+        number = signal.sigwait(_taken_signals)
         server = _running_server
         if number == signal.SIGTERM and not _term_drains and not (server is not None and server.draining):
             _exit_at_once(number)
@@ -193,7 +195,13 @@ def _take_signals_in_one_thread() -> None:
     under --drain, are handed to the loop once it runs. The programs start with an empty mask
     (spawn.py).
     """
-    signal.pthread_sigmask(signal.SIG_BLOCK, _TAKEN_SIGNALS)
+    global _taken_signals
+    _taken_signals = frozenset(
+        number
+        for number in _TAKEN_SIGNALS
+        if number == signal.SIGTERM or signal.getsignal(number) is not signal.SIG_IGN
+    )
+    signal.pthread_sigmask(signal.SIG_BLOCK, _taken_signals)
     threading.Thread(target=_take_signals, name="signals", daemon=True).start()
 
 
