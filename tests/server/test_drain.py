@@ -258,3 +258,21 @@ def test_hup_int_quit_kill_the_server_and_leave_programs_alone(number: int) -> N
         assert read_to_eof(client) == b"finished w\n"
         client.close()
         assert _end_lines(server) == []
+
+
+def test_alarm_and_usr1_inherited_as_ignored_stay_ignored() -> None:
+    """As 0.88, which never catches them: a supervisor that ignores them keeps them ignored."""
+    server = start_server(OUR_SERVER.command, ["-HR"], SESSION, ignore_signals=(signal.SIGALRM, signal.SIGUSR1))
+    with server:
+        client = connect(server.port)
+        assert read_line(client) == b"started\n"
+        server.signal(signal.SIGALRM)
+        server.signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        assert server.alive()
+        assert server.log() == []
+        with connect(server.port) as second:  # still listening
+            assert read_line(second) == b"started\n"
+        client.sendall(b"v\n")
+        assert read_to_eof(client) == b"finished v\n"
+        client.close()
