@@ -1,0 +1,82 @@
+"""`softlimit ... tcpserver ... program` (daemontools), as qmail's run files have it: ours starts
+wherever the C tcpserver starts, serves, and runs the program under exactly the limits the C
+server's child gets (README, differences item 9). Needs the native launcher (bin/tcpserver.c)
+and the extension: without a compiler, Python itself must fit under the limits, as before."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+
+from conftest import IN_CI, needs_tool
+from serverproc import ORIGINAL, OUR_SERVER, TOP, original_available, plain_environment, start_server, talk
+
+LAUNCHER_BUILT = not os.path.islink(TOP / "bin" / "tcpserver")
+EXTENSION_BUILT = importlib.util.find_spec("ucspi.server._spawn") is not None
+
+pytestmark = [
+    needs_tool("softlimit", "daemontools"),
+    pytest.mark.skipif(
+        not (LAUNCHER_BUILT and EXTENSION_BUILT) and not IN_CI,
+        reason="built without a C compiler: no native launcher or extension (README: softlimit)",
+    ),
+]
+
+# -m 3000000 is about where the C tcpserver itself stops starting on this kind of machine.
+LIMITS = [
+    pytest.param(["-m", "3000000"], id="m-3MB"),
+    pytest.param(["-m", "64000000"], id="m-64MB"),
+    pytest.param(["-a", "3000000"], id="a"),
+    pytest.param(["-d", "3000000"], id="d"),
+    pytest.param(["-s", "200000"], id="s"),
+    pytest.param(["-o", "40"], id="o"),
+    pytest.param(["-p", "30"], id="p"),
+    pytest.param(["-f", "100000"], id="f"),
+    pytest.param(["-c", "0"], id="c"),
+]
+
+PROGRAM = ["/bin/cat", "/proc/self/limits"]
+
+
+def _served_limits(command: Path, limits: list[str], options: list[str]) -> bytes:
+    with start_server(
+        command, ["-HRl0", *options], PROGRAM, environment=plain_environment(), wrapper=["softlimit", *limits]
+    ) as server:
+        first = talk(server.port)
+        assert talk(server.port) == first  # and again: the server is still serving
+    return first
+
+
+@pytest.mark.parametrize("limits", LIMITS)
+@pytest.mark.parametrize("command", [OUR_SERVER.command, TOP / "bin" / "tcpserver"], ids=["installed", "checkout"])
+def test_starts_serves_and_the_program_gets_the_limits(command: Path, limits: list[str]) -> None:
+    ours = _served_limits(command, limits, [])
+    assert ours.startswith(b"Limit ")
+    if original_available():
+        assert ours == _served_limits(ORIGINAL, limits, [])
+
+
+@pytest.mark.parametrize("limits", [["-m", "3000000"], ["-m", "64000000"]], ids=["m-3MB", "m-64MB"])
+def test_threads_and_lookups_under_the_limit(limits: list[str]) -> None:
+    """Default lookups (the DNS library loaded) and -c 100: every thread fits, and sizes its own stack."""
+    ours = _served_limits(OUR_SERVER.command, limits, ["-c100", "-h"])
+    if original_available():
+        assert ours == _served_limits(ORIGINAL, limits, ["-c100", "-h"])
+
+
+def test_the_limits_are_not_the_servers_own() -> None:
+    """The server itself runs with its soft limits lifted (that is what lets Python start)."""
+    with start_server(
+        OUR_SERVER.command, ["-HRl0"], PROGRAM, environment=plain_environment(), wrapper=["softlimit", "-m", "3000000"]
+    ) as server:
+        own = Path(f"/proc/{server.pid}/limits").read_bytes()
+        program = talk(server.port)
+    assert own != program
+    address_space = [line for line in program.splitlines() if line.startswith(b"Max address space")]
+    assert address_space and b"3000000" in address_space[0]
