@@ -123,6 +123,9 @@ main(int argc, char **argv)
         command = "tcpserver";
     if (strcmp(command, "tcpclient") == 0 || strcmp(command, "sslserver") == 0)
         module = command;
+    /* First of all: under softlimit -d even this launcher's malloc may not fit. */
+    if (strcmp(module, "tcpserver") == 0)
+        lift_limits(marker, sizeof marker);
     find_python(command, argv0, python, sizeof python);
     snprintf(code, sizeof code, "import sys;del sys.argv[0];from ucspi.cli import run;run('%s')", module);
 
@@ -135,10 +138,8 @@ main(int argc, char **argv)
     arguments[count++] = "-c";
     arguments[count++] = code;
     arguments[count++] = (char *)argv0;
-    if (strcmp(module, "tcpserver") == 0) {
-        lift_limits(marker, sizeof marker);
+    if (strcmp(module, "tcpserver") == 0)
         arguments[count++] = marker;
-    }
     for (i = 1; i < argc; i++)
         arguments[count++] = argv[i];
     arguments[count] = NULL;
