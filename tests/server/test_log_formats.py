@@ -171,10 +171,13 @@ def test_every_event_formats_and_parses_back(kind: type, mode: str) -> None:
     fields = parsed(line[:-1], mode)
     assert fields["ev"] == (kind.ev or kind.__name__.lower())
     assert len(fields) > 1  # every event has something to say
-    # A value from outside comes back as it was (it is short enough not to be capped).
+    # A value from outside comes back as it was (it is short enough not to be capped); a text
+    # may hold it among words of ours (TLSFailed's `unable to PHASE SSL: REASON`).
     for key, value in fields.items():
-        if key in ("host", "text", "file") or (isinstance(value, str) and "evil" in value):
+        if key in ("host", "file") or (isinstance(value, str) and "evil" in value and key != "text"):
             assert value == as_text(HOSTILE, mode), (key, line)
+        elif key == "text":
+            assert isinstance(value, str) and as_text(HOSTILE, mode) in value, line
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -191,6 +194,17 @@ def test_ok_and_deny_carry_the_peer_the_rule_and_the_limit(mode: str) -> None:
     assert fields["reason"] == "maxconnc" and "rule" not in fields and "ipmax" not in fields
     assert (number(fields["ipconns"]), number(fields["netconns"]), number(fields["netmax"])) == (1, 3, 3)
     assert fields["net"] == "127.0.0.0/24"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_tls_failure_is_a_drop(mode: str) -> None:
+    formatter = LogfmtFormat(b"sslserver") if mode == "logfmt" else JsonFormat(b"sslserver")
+    line = formatter.format(log_module.TLSFailed(b"accept", b"wrong version", b"127.0.0.2"), 1)
+    fields = parsed(line[:-1], mode, "sslserver")
+    assert (fields["ev"], fields["ip"], fields["reason"]) == ("drop", "127.0.0.2", "tls")
+    assert fields["text"] == "unable to accept SSL: wrong version"
+    accepted = parsed(formatter.format(log_module.TLSAccepted(7, ip=b"127.0.0.2"), 2)[:-1], mode, "sslserver")
+    assert "protocol" not in accepted and "cipher" not in accepted  # empty by default: absent
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -219,7 +219,7 @@ class TLSFailed(Event):
     reason: bytes
     ip: bytes | None = None
     verbosity = 1
-    ev = "tls_fail"
+    ev = "drop"  # reason=tls, as every other end without a program (logformats._tls_failed)
 
 
 # Operations (issue 13). 0.88 writes none of these: classic mode writes only the stat lines

@@ -4,7 +4,8 @@ Both formats are made from the same list of (key, value) pairs per event, `ev` f
 pairs are its dataclass fields, named by KEYS (or by their own names), a Peer among them standing
 for the client's addresses, names and ident reply, and None left out; the few events whose
 fields need more than that (a wait status, a drop's code) have a function in _SPECIAL. So an
-event added to log.py is logged with its `ev` name and nothing else.
+event added to log.py is logged with its `ev` name and nothing else. A field whose default is
+b"" is left out when empty (TLSAccepted's protocol without -V).
 
 No timestamps (multilog and svlogd add them). Every value from outside (host names, ident
 replies, PROXY TLV text, file names, reasons: every bytes value) is escaped, then capped at 100
@@ -25,6 +26,7 @@ from ucspi.server.log import (
     InternalError,
     ProgramEnded,
     SignalTaken,
+    TLSFailed,
 )
 from ucspi.server.peer import Peer
 
@@ -61,17 +63,17 @@ def peer_pairs(peer: Peer) -> Pairs:
     return pairs
 
 
-_FIELD_NAMES: dict[type, tuple[tuple[str, str], ...]] = {}
+_FIELD_NAMES: dict[type, tuple[tuple[str, str, bool], ...]] = {}
 
 
-def _field_keys(kind: type) -> tuple[tuple[str, str], ...]:
-    """(field, key) for an event class, worked out once."""
+def _field_keys(kind: type) -> tuple[tuple[str, str, bool], ...]:
+    """(field, key, whether b"" is its default: then empty means absent) for an event class, worked out once."""
     known = _FIELD_NAMES.get(kind)
     if known is None:
         renames = _CLASS_KEYS.get(kind, {})
         skipped = _SKIPPED.get(kind, frozenset())
         known = tuple(
-            (field.name, renames.get(field.name) or KEYS.get(field.name, field.name))
+            (field.name, renames.get(field.name) or KEYS.get(field.name, field.name), field.default == b"")
             for field in dataclasses.fields(kind)
             if field.name not in skipped
         )
@@ -80,10 +82,11 @@ def _field_keys(kind: type) -> tuple[tuple[str, str], ...]:
 
 
 def generic_pairs(event: Event) -> Pairs:
+    """The fields but None, and but b"" where that is the default (an empty rule key `""` is a key)."""
     pairs: Pairs = []
-    for field, key in _field_keys(type(event)):
+    for field, key, empty_is_absent in _field_keys(type(event)):
         value = getattr(event, field)
-        if value is None:
+        if value is None or (empty_is_absent and value == b""):
             continue
         if isinstance(value, Peer):
             pairs.extend(peer_pairs(value))
@@ -130,10 +133,16 @@ def _internal(event: InternalError, verbosity: int) -> Pairs:
     return pairs
 
 
+def _tls_failed(event: TLSFailed, _verbosity: int) -> Pairs:
+    pairs: Pairs = [] if event.ip is None else [("ip", event.ip)]
+    return [*pairs, ("reason", b"tls"), ("text", b"unable to %s SSL: %s" % (event.phase, event.reason))]
+
+
 _SPECIAL: dict[type, Callable[..., Pairs]] = {
     ProgramEnded: _ended,
     Dropped: _dropped,
     InternalError: _internal,
+    TLSFailed: _tls_failed,
 }
 
 
