@@ -649,3 +649,21 @@ def test_an_inherited_socket_s_listen_event(mode: str) -> None:
         True if mode == "json" else "true",
     )
     assert number(listen["fd"]) >= 3  # moved off fd 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ipv6_and_v4_mapped_clients(mode: str) -> None:
+    with server_in(mode, ["-H", "-R", "-l0"], host="::") as server:
+        assert talk(server.port) == b"served\n"  # an IPv4 client of the dual-stack socket
+        with socket.create_connection(("::1", server.port), timeout=5) as client:
+            client.shutdown(socket.SHUT_WR)
+            assert read_to_eof(client) == b"served\n"
+        wait_for_event(server, mode, "end", count=2)
+        found = events(server.log(), mode)
+    (listen,) = of_kind(found, "listen")
+    assert (listen["ip"], listen["family"]) == ("::", "ipv6")
+    v4, v6 = of_kind(found, "accept")
+    assert (v4["ip"], v4["lip"], v6["ip"], v6["lip"]) == ("127.0.0.1", "127.0.0.1", "::1", "::1")
+    ok4, ok6 = of_kind(found, "ok")
+    assert (ok4["ip"], ok4["lip"], ok6["ip"], ok6["lip"]) == ("127.0.0.1", "127.0.0.1", "::1", "::1")
+    assert [event["ip"] for event in of_kind(found, "end")] == ["127.0.0.1", "::1"]
