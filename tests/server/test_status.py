@@ -8,15 +8,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
+import shutil
 import signal
 import socket
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from conftest import needs_tool
 from serverproc import (
     OUR_SERVER,
     ServerProcess,
@@ -259,3 +263,62 @@ def test_a_reader_that_never_reads_holds_nothing_up(status_path: Path) -> None:
             with connect(server.port) as client:
                 assert read_to_eof(client) == b"hi\n"
         assert _status(status_path)[0]["accepted"] == 20
+
+
+_REPORT_FDS = (
+    "import os\n"
+    "fds = []\n"
+    "for name in sorted(os.listdir('/proc/self/fd'), key=int):\n"
+    "    try:\n"
+    "        os.readlink('/proc/self/fd/' + name)\n"
+    "    except OSError:\n"
+    "        continue\n"
+    "    fds.append(name)\n"
+    "os.write(1, (' '.join(fds) + '\\n').encode())\n"
+    "os.read(0, 1)\n"
+)
+
+
+@needs_tool("systemd-socket-activate", "systemd")
+def test_a_program_gets_none_of_the_servers_descriptors_at_once(tmp_path: Path) -> None:
+    """Issue 13 item 6 with everything open together: a socket systemd passed, the notify socket,
+    the status socket and another client; the program has fds 0, 1 and 2 only."""
+    tool = shutil.which("systemd-socket-activate")
+    assert tool is not None
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(os.fspath(tmp_path / "notify"))
+    receiver.settimeout(10)
+    status_path = tmp_path / "status.sock"
+    command = [tool, "-l", f"127.0.0.1:{port}", "-E", f"NOTIFY_SOCKET={tmp_path / 'notify'}"]
+    command += [os.fspath(OUR_SERVER.command), f"--status-socket={status_path}", "0", "0"]
+    command += ["/usr/bin/python3", "-S", "-c", _REPORT_FDS]
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    )
+    try:
+        assert process.stderr is not None
+        ready, _, _ = select.select([process.stderr], [], [], 10)
+        assert ready and b"Listening on" in process.stderr.readline()
+        with receiver, ExitStack() as stack:
+            first = stack.enter_context(connect(port, timeout=10))  # starts the server
+            assert receiver.recv(4096).startswith(b"READY=1")
+            second = stack.enter_context(connect(port, timeout=10))
+            assert read_line(first, timeout=10) == b"0 1 2\n"
+            assert read_line(second, timeout=10) == b"0 1 2\n"
+            assert _status(status_path)[0]["conns"] == 2
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+        if process.stderr is not None:
+            process.stderr.close()
