@@ -666,4 +666,4 @@ def test_ipv6_and_v4_mapped_clients(mode: str) -> None:
     assert (v4["ip"], v4["lip"], v6["ip"], v6["lip"]) == ("127.0.0.1", "127.0.0.1", "::1", "::1")
     ok4, ok6 = of_kind(found, "ok")
     assert (ok4["ip"], ok4["lip"], ok6["ip"], ok6["lip"]) == ("127.0.0.1", "127.0.0.1", "::1", "::1")
-    assert [event["ip"] for event in of_kind(found, "end")] == ["127.0.0.1", "::1"]
+    assert sorted(str(event["ip"]) for event in of_kind(found, "end")) == ["127.0.0.1", "::1"]  # in either order
