@@ -76,15 +76,7 @@ class Slot:
     def client_ip(self) -> bytes:
         """The client's address as the log shows it: after a PROXY header its own, before the lookups the accept's."""
         connection = self.connection
-        if connection is None:
-            return b"?"
-        peer = connection.peer
-        if peer is not None:
-            return peer.remote_ip
-        host = connection.remote[0]
-        if host.startswith("::ffff:") and "." in host and not connection.server.options.mapped_as_ipv6:
-            host = host[7:]  # an IPv4 client of a dual-stack socket is shown as IPv4, as its peer will be
-        return host.encode()
+        return connection.client_ip() if connection is not None else b"?"
 
     def give_back(self) -> None:
         server = self._server
