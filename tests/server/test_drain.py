@@ -276,3 +276,19 @@ def test_alarm_and_usr1_inherited_as_ignored_stay_ignored() -> None:
         client.sendall(b"v\n")
         assert read_to_eof(client) == b"finished v\n"
         client.close()
+
+
+def test_a_stopped_program_gets_cont_with_its_term() -> None:
+    """A program stopped at the deadline: CONT lets the TERM act at once (status 15, not KILL's 9 later)."""
+    program = ["/bin/sh", "-c", "echo started; kill -STOP $$; echo resumed"]
+    with _server(["-v", "--drain=1"], program) as server:
+        client = connect(server.port)
+        assert read_line(client) == b"started\n"
+        time.sleep(0.2)  # stopped by now
+        sent = time.monotonic()
+        server.signal(signal.SIGALRM)
+        assert server.wait(5) == 0
+        assert time.monotonic() - sent < 2.5
+        assert _end_lines(server)[-1].endswith(b" status 15")
+        assert read_to_eof(client) == b""
+        client.close()
