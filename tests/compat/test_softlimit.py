@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -80,3 +81,21 @@ def test_the_limits_are_not_the_servers_own() -> None:
     assert own != program
     address_space = [line for line in program.splitlines() if line.startswith(b"Max address space")]
     assert address_space and b"3000000" in address_space[0]
+
+
+def _limits_after_lowering(command: Path) -> bytes:
+    """Under softlimit -o 40, the server's descriptor limit then lowered to 30/30 from outside."""
+    with start_server(
+        command, ["-HRl0"], PROGRAM, environment=plain_environment(), wrapper=["softlimit", "-o", "40"]
+    ) as server:
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (30, 30))
+        return talk(server.port)
+
+
+def test_a_hard_limit_lowered_since_caps_the_programs() -> None:
+    """The soft limit given back never exceeds the hard limit as it is now, nor raises it
+    (a server with CAP_SYS_RESOURCE could)."""
+    ours = _limits_after_lowering(OUR_SERVER.command)
+    assert [line.split()[3:5] for line in ours.splitlines() if line.startswith(b"Max open files")] == [[b"30", b"30"]]
+    if original_available():
+        assert ours == _limits_after_lowering(ORIGINAL)

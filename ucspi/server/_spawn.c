@@ -97,8 +97,15 @@ child_main(void *argument)
         action.sa_handler = SIG_DFL;
         sigaction(sig, &action, NULL);
     }
-    for (i = 0; i < limit_count; i++)
-        setrlimit(limits[i].resource, &limits[i].limit);
+    for (i = 0; i < limit_count; i++) {
+        /* The soft limit as it was; the hard one as it is now (lowered since, it caps the soft). */
+        struct rlimit now, wanted;
+        if (getrlimit(limits[i].resource, &now) != 0)
+            continue;
+        wanted.rlim_max = now.rlim_max;
+        wanted.rlim_cur = limits[i].limit.rlim_cur < now.rlim_max ? limits[i].limit.rlim_cur : now.rlim_max;
+        setrlimit(limits[i].resource, &wanted);
+    }
     put_on(job, job->stdin_fd, 0);
     put_on(job, job->stdout_fd, 1);
     for (i = 0; i < job->pass_count; i++)

@@ -97,11 +97,16 @@ def take_launcher_marker(argv: list[str]) -> None:
     if START.lifted_limits:
         import resource
 
-        def value(limit: int) -> int:
-            return resource.RLIM_INFINITY if limit >= 1 << 63 else limit  # the launcher writes it unsigned
+        def unsigned(limit: int) -> int:  # as the launcher writes them: RLIM_INFINITY is 2**64 - 1
+            return limit % (1 << 64)
 
-        for number, soft, hard in START.lifted_limits:
-            resource.setrlimit(number, (value(soft), value(hard)))
+        def signed(limit: int) -> int:
+            return resource.RLIM_INFINITY if limit >= 1 << 63 else limit
+
+        for number, soft, _hard in START.lifted_limits:
+            # The soft limit as it was, under the hard one as it is now.
+            hard_now = resource.getrlimit(number)[1]
+            resource.setrlimit(number, (signed(min(unsigned(soft), unsigned(hard_now))), hard_now))
         START.lifted_limits = ()
 
 
