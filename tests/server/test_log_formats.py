@@ -667,3 +667,16 @@ def test_ipv6_and_v4_mapped_clients(mode: str) -> None:
     ok4, ok6 = of_kind(found, "ok")
     assert (ok4["ip"], ok4["lip"], ok6["ip"], ok6["lip"]) == ("127.0.0.1", "127.0.0.1", "::1", "::1")
     assert sorted(str(event["ip"]) for event in of_kind(found, "end")) == ["127.0.0.1", "::1"]  # in either order
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fault_in_the_accept_event_still_serves_the_client(mode: str) -> None:
+    # The accept event is made before the client is a connection: a fault there must not lose it.
+    with _faulty_server(mode, "ucspi.server.loop:accepted_ip", [1]) as server:
+        assert talk(server.port) == b"served\n"
+        assert talk(server.port) == b"served\n"
+        wait_for_event(server, mode, "end", count=2)
+        found = events(server.log(), mode)
+    (warning,) = of_kind(found, "warning")
+    assert warning["text"] == "internal error: InjectedFault"
+    assert len(of_kind(found, "accept")) == 1 and len(of_kind(found, "ok")) == 2

@@ -316,21 +316,28 @@ class Server:
             self.notifier.status(self.slots_taken, self.limit)
 
     def _log_accept(self, fd: int, remote: tuple, fixed_local: tuple | None) -> None:
-        """The structured modes' `accept` event: the client's and the local address, the slots taken."""
+        """The structured modes' `accept` event: the client's and the local address, the slots taken.
+
+        Never raises: the clients of this batch are not connections yet, and nothing else would close them.
+        """
         from ucspi.server.log import Accepted
 
-        local = fixed_local
-        if local is None:
-            sock = socket.socket(fileno=fd)
-            try:
-                local = sock.getsockname()
-            except OSError:
-                pass  # left out of the event; the connection's path says what is wrong
-            finally:
-                sock.detach()
-        ip = accepted_ip(remote, self.options.mapped_as_ipv6)
-        lip = None if local is None else accepted_ip(local, self.options.mapped_as_ipv6)
-        self.log.emit(Accepted(ip, remote[1], lip, None if local is None else local[1], self.slots_taken))
+        try:
+            local = fixed_local
+            if local is None:
+                try:
+                    sock = socket.socket(fileno=fd)
+                    try:
+                        local = sock.getsockname()
+                    finally:
+                        sock.detach()
+                except OSError:
+                    pass  # left out of the event; the connection's path says what is wrong
+            ip = accepted_ip(remote, self.options.mapped_as_ipv6)
+            lip = None if local is None else accepted_ip(local, self.options.mapped_as_ipv6)
+            self.log.emit(Accepted(ip, remote[1], lip, None if local is None else local[1], self.slots_taken))
+        except Exception as error:
+            self.internal_error(error)
 
     def internal_error(self, error: BaseException | None) -> None:
         """A fault no connection owns: said in one line, and the loop goes on."""
