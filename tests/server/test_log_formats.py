@@ -680,3 +680,14 @@ def test_a_fault_in_the_accept_event_still_serves_the_client(mode: str) -> None:
     (warning,) = of_kind(found, "warning")
     assert warning["text"] == "internal error: InjectedFault"
     assert len(of_kind(found, "accept")) == 1 and len(of_kind(found, "ok")) == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_at_minus_capital_q_only_drops_warnings_and_fatal_errors(tmp_path: Path, mode: str) -> None:
+    options = ["-Q", f"--log={mode}", "-H", "-R", "-l0", "-x", os.fspath(tmp_path / "missing.cdb")]
+    with start_server(OUR_SERVER.command, options, PROGRAM) as server:
+        talk(server.port)
+        wait_for_event(server, mode, "drop")
+        server.stop()
+        found = events(server.log(), mode)
+    assert [event["ev"] for event in found] == ["drop"]
