@@ -6,7 +6,8 @@ of RATE connections a second for SECONDS (each: connect, shut down the write sid
 twice: without a status reader, and with one reading the socket in a tight loop. Prints for each
 phase the connections done and failed, the rate achieved, the connection time p50/p99 and the
 worst lateness against the schedule; for the reader, the reads done and the response time
-p50/p99/max. Not run by the tests: `python bench/status_bench.py [--rate 500 --seconds 10]`.
+p50/p99/max, and writes the same to bench/results/status.md (--output). Not run by the tests:
+`python bench/status_bench.py [--rate 500 --seconds 10]`.
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--held", type=int, default=100, help="clients held open, one address each (<= 250)")
     parser.add_argument("--threads", type=int, default=16, help="client threads of the paced load")
+    parser.add_argument("--output", type=Path, default=TOP / "bench" / "results" / "status.md")
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="status-bench-") as scratch, ExitStack() as stack:
         status_path = Path(scratch) / "status.sock"
@@ -163,22 +165,22 @@ def main() -> int:
             held.bind((f"127.0.1.{number}", 0))
             held.connect(("127.0.0.1", server.port))
         time.sleep(0.5)
-        print(
+        header = (
             f"tcpserver with {arguments.held} clients held open; {arguments.rate:g} connections/s"
-            f" for {arguments.seconds:g} s, {arguments.threads} client threads",
-            flush=True,
+            f" for {arguments.seconds:g} s, {arguments.threads} client threads"
         )
+        print(header, flush=True)
         run_phase(server.port, arguments.rate, 1.0, arguments.threads, None)  # warm-up
-        print(
-            "without a status reader:",
-            run_phase(server.port, arguments.rate, arguments.seconds, arguments.threads, None),
-            flush=True,
-        )
-        print(
-            "with a reader in a loop:",
-            run_phase(server.port, arguments.rate, arguments.seconds, arguments.threads, status_path),
-            flush=True,
-        )
+        rows = []
+        for name, path in (("without a status reader", None), ("with a reader in a loop", status_path)):
+            rows.append(f"{name}: {run_phase(server.port, arguments.rate, arguments.seconds, arguments.threads, path)}")
+            print(rows[-1], flush=True)
+    load = os.getloadavg()[0]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    arguments.output.write_text(
+        f"# The status socket under load (bench/status_bench.py)\n\n{when}; {header};"
+        f" {os.cpu_count()} cores, load average {load:.1f} at the end.\n\n```\n" + "\n".join(rows) + "\n```\n"
+    )
     return 0
 
 
