@@ -58,12 +58,16 @@ def _until(receiver: socket.socket, wanted: bytes) -> None:
 
 
 def _server(
-    options: list[str], program: list[str], notify_address: bytes | None = None, variables: dict | None = None
+    options: list[str],
+    program: list[str],
+    notify_address: bytes | None = None,
+    variables: dict | None = None,
+    cwd: Path | None = None,
 ) -> ServerProcess:
     entries = dict(variables or {})
     if notify_address is not None:
         entries[b"NOTIFY_SOCKET"] = notify_address
-    return start_server(OUR_SERVER.command, ["-HR", *options], program, environment=plain_environment(entries))
+    return start_server(OUR_SERVER.command, ["-HR", *options], program, environment=plain_environment(entries), cwd=cwd)
 
 
 def _refused(port: int) -> bool:
@@ -248,8 +252,9 @@ def test_term_with_drain_drains(notify: tuple[socket.socket, bytes]) -> None:
 
 
 @pytest.mark.parametrize("number", [signal.SIGHUP, signal.SIGINT, signal.SIGQUIT])
-def test_hup_int_quit_kill_the_server_and_leave_programs_alone(number: int) -> None:
-    with _server(["-v"], SESSION) as server:
+def test_hup_int_quit_kill_the_server_and_leave_programs_alone(number: int, tmp_path: Path) -> None:
+    # QUIT's default action may dump core (in the server's directory): a scratch one.
+    with _server(["-v"], SESSION, cwd=tmp_path) as server:
         client = connect(server.port)
         assert read_line(client) == b"started\n"
         server.signal(number)
