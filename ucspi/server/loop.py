@@ -210,6 +210,9 @@ class Server:
         self._drain_phase = self.loop.call_later(_REAP_GRACE_SECONDS, self.exit, 0)
 
     def exit(self, code: int) -> None:
+        if self._killing:
+            # A program started after the KILL (its lookups ended late) is not left behind either.
+            self.children.signal_all(signal.SIGKILL)
         self.log.emit(Exiting(code))
         if self.status_socket is not None:
             self.status_socket.remove()
