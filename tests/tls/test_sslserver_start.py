@@ -226,8 +226,9 @@ def test_v_and_V_log_lines(tls_certs: Certificates) -> None:
             client.read_all()
         lines = server.wait_for_log(r"^sslserver: end ")
         log = server.log()
+        serving = server.pid
     tls_line = next(line for line in log if b" tls " in line or line.startswith(b"sslserver: tls "))
-    assert tls_line.startswith(b"sslserver: tls %d accept TLSv1.3:TLS_" % server.pid)
+    assert tls_line.startswith(b"sslserver: tls %d accept TLSv1.3:TLS_" % serving)
     index = log.index(tls_line)
     assert log[index + 1].startswith(b"sslserver: pid ") and log[index + 2].startswith(b"sslserver: ok ")
     assert lines

@@ -463,7 +463,26 @@ def start_sslserver(
         process.wait(5)
         reader.join(1)
         raise RuntimeError(f"{command} did not start: stdout {line!r}, stderr {log.snapshot()!r}")
-    return serverproc.ServerProcess(process, int(line), reader, log)
+    return DetachedServer(process, int(line), reader, log)
+
+
+class DetachedServer(serverproc.ServerProcess):
+    """sslserver's supervised process serves nothing (ucspi/tls/detach.py): `pid` is its serving
+    child's (fds, children, memory); stop() and signal() reach the supervised one, as a supervisor's do."""
+
+    _serving = 0
+
+    @property
+    def pid(self) -> int:
+        if not self._serving:
+            try:
+                children = children_of(self.process.pid)
+            except OSError:
+                children = []
+            if len(children) != 1:
+                return self.process.pid
+            self._serving = children[0]
+        return self._serving
 
 
 def fake_smtpd(log: os.PathLike[str] | str, *options: str) -> list[str]:

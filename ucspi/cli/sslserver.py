@@ -14,6 +14,7 @@ from ucspi.cli import tcpserver
 from ucspi.errors import Fatal
 from ucspi.server.log import Log
 from ucspi.server.options import LONG_OPTIONS, ServerOptions
+from ucspi.tls.detach import Child, split
 from ucspi.tls.options import SSL_OPTION_TABLE, USAGE, TLSOptions, apply_tls_options
 
 
@@ -65,7 +66,15 @@ def help_text() -> str:
     return formatter.getvalue()
 
 
+# Set in the serving child of the start-up split (ucspi/tls/detach.py); None: one process.
+_child: Child | None = None
+# TERM drains the child with no deadline unless --drain gives one: sessions go on to their end.
+_NO_DEADLINE = 10 * 365 * 86400.0
+
+
 def _configure(parsed: list[tuple[str, str | None]], options: ServerOptions) -> TLSOptions:
+    if _child is not None and options.drain is None:
+        options.drain = _NO_DEADLINE
     return apply_tls_options(parsed, options)
 
 
@@ -76,6 +85,9 @@ def _start(options: ServerOptions, extra: object, environ: dict[bytes, bytes], l
     from ucspi.tls.context import load, read_password_fd3
 
     assert isinstance(extra, TLSOptions)
+    if _child is not None:
+        _child.adopt(environ)  # systemd's sockets are the parent's pid's; READY and STOPPING go through it
+        _child.watch_lifeline()
     password = None
     if extra.password_on_fd3:
         if options.inherit is None and environ.get(b"LISTEN_PID") == b"%d" % os.getpid() and environ.get(b"LISTEN_FDS"):
@@ -103,6 +115,10 @@ def main() -> None:
 
         _write_stdout(version_line("sslserver"))
         return
+    global _child
+    # Before the split: fds 0-2 that came closed must not be taken by its pipes.
+    tcpserver._open_closed_standard_descriptors()
+    _child = split()  # the parent supervises and never returns
     tcpserver.main(LONG_OPTIONS, SSLSERVER)
 
 
