@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import select
 import shutil
 import signal
@@ -322,3 +323,33 @@ def test_a_program_gets_none_of_the_servers_descriptors_at_once(tmp_path: Path) 
             process.wait(5)
         if process.stderr is not None:
             process.stderr.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_descriptors_the_socket_waits_without_spinning(status_path: Path) -> None:
+    """Clients that hold descriptors (a PROXY header never sent) fill the server's table: the status
+    client waits in the backlog, the loop does not spin on it, and is answered once they are gone."""
+    server = start_server(
+        OUR_SERVER.command,
+        ["-HR", "-c100", "--proxy-from=127.0.0.0/8", "--proxy-timeout=2", f"--status-socket={status_path}"],
+        HOLD,
+    )
+    with server, ExitStack() as stack:
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (40, 40))
+        for _ in range(60):
+            stack.enter_context(connect(server.port))  # each holds a descriptor of the server's for 2 s
+        time.sleep(0.3)
+        waiting = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+        waiting.settimeout(10)
+        _connect_unix(waiting, status_path)
+        before = _cpu_seconds(server.pid)
+        time.sleep(1.0)
+        assert _cpu_seconds(server.pid) - before < 0.5  # a loop spinning on the socket takes the whole second
+        data = b""
+        while chunk := waiting.recv(65536):
+            data += chunk
+        assert json.loads(data.splitlines()[0])["ev"] == "stat"

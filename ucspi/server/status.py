@@ -31,6 +31,7 @@ _V4_MAPPED = bytes(10) + b"\xff\xff"
 # A view is served again, unchanged, for this many times what it cost to make: readers in a tight
 # loop take at most about a tenth of the loop, however many connections the view goes through.
 _REUSE_FACTOR = 10
+_BACKOFF_SECONDS = 0.1  # out of descriptors: the socket waits that long, as the TCP listeners do
 
 
 class LiveConnection(Protocol):
@@ -197,7 +198,14 @@ class StatusSocket:
             except BlockingIOError:
                 return
             except OSError:
-                return  # out of descriptors: the client waits in the backlog for the next wakeup
+                # Out of descriptors: readable still, so a reader would wake the loop at once,
+                # again and again; the client waits in the backlog instead.
+                assert self._loop is not None
+                self._loop.remove_reader(self.listener.fileno())
+                self._loop.call_later(
+                    _BACKOFF_SECONDS, self._loop.add_reader, self.listener.fileno(), self._serve_clients
+                )
+                return
             try:
                 self._answer(client, self._current_view())
             finally:
