@@ -29,6 +29,7 @@ $(STAMP): setup.cfg pyproject.toml setup.py ucspi/server/_spawn.c bin/tcpserver.
 # Python launcher bin/tcpserver.py and $(1)/tcpserver the entry point. Renamed into place: a
 # server starting meanwhile finds the old file or the new one.
 define launcher
+	@echo "$(CC) -O2 -Wall -o $(1)/tcpserver bin/tcpserver.c"; \
 	if $(CC) -O2 -Wall -o $(1)/.tcpserver.new bin/tcpserver.c; then \
 	    mv -f $(1)/.tcpserver.new $(1)/tcpserver; \
 	    if [ "$(1)" = "$(VENV)/bin" ]; then cp $(1)/tcpserver bin/.tcpserver.new && mv -f bin/.tcpserver.new bin/tcpserver; fi; \

@@ -293,3 +293,14 @@ def test_version_names_the_path() -> None:
             [OUR_SERVER.command, "--version"], env=env, capture_output=True, timeout=20, check=False
         )
         assert result.stdout.endswith(b", spawn: " + expected + b"\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="-u/-g change ids, which needs root")
+@pytest.mark.parametrize("path", PATHS)
+def test_either_path_spawns_after_the_ids_change(path: list[bytes]) -> None:
+    """-u and -g come before the spawner is made: what it needs is loaded before, whoever may read it after."""
+    environment = [*plain_environment(), *path]
+    with start_server(
+        OUR_SERVER.command, ["-u65534", "-g65534", "-HRl0"], ["/usr/bin/id", "-u"], environment=environment
+    ) as server:
+        assert talk(server.port) == b"65534\n"

@@ -34,6 +34,12 @@ except ImportError:  # built without a compiler: the ctypes path
 # Read once, at start; like the supervisor's variables it never reaches a program.
 _FORCE_CTYPES = os.environb.get(b"UCSPI_NO_EXTENSION") == b"1"
 USE_EXTENSION = _extension is not None and not _FORCE_CTYPES
+if not USE_EXTENSION:
+    # Loaded now, at import: after -u/-g the standard library may be out of reach.
+    import ctypes
+    import ctypes.util
+
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
 # Every thread's stack (threading.stack_size, set first in main): RLIMIT_STACK, which
@@ -308,12 +314,8 @@ class _CtypesSpawn:
     """posix_spawn through ctypes: the path where the extension was not built, or is switched off."""
 
     def __init__(self, argv: tuple[bytes, ...]) -> None:
-        import ctypes
-        import ctypes.util
-
         self._ctypes = ctypes
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        self._libc = libc
+        self._libc = libc = _libc
         self._posix_spawn = libc.posix_spawn
         self._posix_spawn.restype = ctypes.c_int
         self._posix_spawn.argtypes = [
