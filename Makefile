@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(VPY) bench/run.py $(BENCH_ARGS)
 	$(VPY) bench/proxy_bench.py
 	$(VPY) bench/fairness.py
+	$(VPY) bench/tls_bench.py
 
 # 10,000 connections from 200 clients against -c 100 -b 256; checks and prints its figures (~15 s).
 # Then the isolation cases at full size: tcprules past 4 GiB and sharing TMP, the rules file

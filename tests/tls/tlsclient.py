@@ -271,6 +271,10 @@ class TlsClient:
     def close(self) -> None:
         self.sock.close()
 
+    def fileno(self) -> int:
+        """The socket's descriptor (select() takes a TlsClient)."""
+        return self.sock.fileno()
+
     def version(self) -> str | None:
         return self.obj.version()
 
@@ -438,13 +442,18 @@ def start_sslserver(
     pass_fds: Sequence[int] = (),
     wrapper: Sequence[str | os.PathLike[str]] = (),
     command: Path = SSLSERVER,
+    lookups: bool = False,
 ) -> serverproc.ServerProcess:
-    """`sslserver -1 OPTIONS HOST PORT PROGRAM` with PATH plus variables (CERTFILE, KEYFILE, ...) in
+    """`sslserver -1 [-H -l localhost] OPTIONS HOST PORT PROGRAM` with PATH plus variables (CERTFILE, KEYFILE, ...) in
     its environment, listening; its port read from stdout (wrapper: a command line that runs it,
     as serverproc.launch says). A server that does not start raises RuntimeError with its stderr."""
+    # No DNS unless asked for (lookups=True, with a DNSCACHEIP of the test's own): the resolver
+    # of resolv.conf is not on loopback, and its timeouts would stall handshakes for seconds.
+    # Options given after these win (-h).
+    quiet = [] if lookups else ["-H", "-l", "localhost"]
     process = serverproc.launch(
         command,
-        ["-1", *options, host, str(port), *(os.fspath(part) for part in program)],
+        ["-1", *quiet, *options, host, str(port), *(os.fspath(part) for part in program)],
         environment=serverproc.plain_environment(variables),
         pass_fds=pass_fds,
         wrapper=wrapper,
