@@ -424,7 +424,8 @@ def wait_until(condition: Callable[[], object], timeout: float, interval: float 
 TOP = Path(__file__).resolve().parents[2]
 # The installed entry point names its interpreter itself: the program's environment is exactly
 # what the test gives (tests/server/serverproc.py says why the launcher is not used).
-SSLSERVER = TOP / ".venv" / "bin" / "sslserver"
+# UCSPI_TEST_SSLSERVER runs the same tests against another build (a mutated copy, an install).
+SSLSERVER = Path(os.environ.get("UCSPI_TEST_SSLSERVER") or TOP / ".venv" / "bin" / "sslserver")
 FAKE_SMTPD = Path(__file__).with_name("fake_smtpd.py")
 PYTHON = Path(sys.executable)
 
