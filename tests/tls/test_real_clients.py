@@ -286,3 +286,21 @@ def test_no_client_certificate_asked_by_default(tls_certs: Certificates, tmp_pat
     environment = events(log, "start")[0]["environment"]
     assert isinstance(environment, dict)
     assert not [name for name in environment if name.startswith("SSL_CLIENT_")]
+
+
+# ---------------------------------------------------------------- IPv6
+
+
+def test_smtplib_over_ipv6(tls_certs: Certificates, tmp_path: Path) -> None:
+    """On ::1, verified against the certificate's IP:::1: the variables name the IPv6 client."""
+    log = tmp_path / "smtpd.log"
+    with start_sslserver(["-e", "-s"], fake_smtpd(log), tls_certs.environment("ec"), host="::1") as server:
+        with smtplib.SMTP_SSL("::1", server.port, context=verifying_context(tls_certs), timeout=20) as client:
+            client.ehlo("client.example")
+            assert client.login("u", "p")[0] == 235
+            assert client.quit()[0] == 221
+        assert ended(log)
+    environment = events(log, "start")[0]["environment"]
+    assert isinstance(environment, dict)
+    assert environment["SSLREMOTEIP"] == environment["TCPREMOTEIP"] == "::1"
+    assert environment["SSLLOCALIP"] == "::1"
