@@ -1,12 +1,13 @@
 /* Loopback TLS load client for the sslserver benchmark (compiled by bench/tls_bench.py with gcc
  * and libssl-dev's headers: gcc -O2 -pthread tls_client.c -lssl -lcrypto).
  *
- * Usage: tls_client IP PORT COUNT CLIENTS SECONDS [tls12|tls13] [resume]
+ * Usage: tls_client IP PORT COUNT CLIENTS SECONDS [tls12|tls13] [resume] [line]
  * CLIENTS threads (K connections in flight) each repeat: TCP connect, TLS handshake (no
  * certificate verification, SNI "localhost"), read to EOF or close_notify, SSL_shutdown, close;
  * until COUNT connections are done in all or SECONDS have passed. Each connect, read and write
  * times out after 10 s (SO_RCVTIMEO/SO_SNDTIMEO). TLS 1.3 unless tls12; with resume, each thread
- * offers the session of its previous connection. Source addresses rotate over 127.0.0.1-16 so
+ * offers the session of its previous connection; with line, it writes "x\n" after the handshake
+ * (for a program that answers a line and exits). Source addresses rotate over 127.0.0.1-16 so
  * that TIME_WAIT does not exhaust the ephemeral ports. Prints one line:
  * "done N failed F seconds S rate R p50_us P p99_us Q resumed M bytes B protocol V cipher C".
  */
@@ -31,7 +32,7 @@
 static struct sockaddr_in target;
 static long total_count;
 static double deadline;
-static int resume;
+static int resume, send_line;
 static SSL_CTX *context;
 static atomic_long started, done, failed, resumed, received;
 static long *latencies;
@@ -71,6 +72,7 @@ static int one_connection(int index, SSL_SESSION **session)
   if (*session) SSL_set_session(ssl, *session);
   if (SSL_connect(ssl) != 1) goto out;
   if (SSL_session_reused(ssl)) atomic_fetch_add(&resumed, 1);
+  if (send_line && SSL_write(ssl, "x\n", 2) != 2) goto out;
   for (;;) {
     int r = SSL_read(ssl, buffer, sizeof buffer);
     if (r > 0) { atomic_fetch_add(&received, r); continue; }
@@ -129,7 +131,7 @@ static int compare(const void *a, const void *b)
 int main(int argc, char **argv)
 {
   if (argc < 6) {
-    fprintf(stderr, "usage: tls_client IP PORT COUNT CLIENTS SECONDS [tls12|tls13] [resume]\n");
+    fprintf(stderr, "usage: tls_client IP PORT COUNT CLIENTS SECONDS [tls12|tls13] [resume] [line]\n");
     return 100;
   }
   memset(&target, 0, sizeof target);
@@ -144,6 +146,7 @@ int main(int argc, char **argv)
     if (strcmp(argv[i], "tls12") == 0) version = TLS1_2_VERSION;
     else if (strcmp(argv[i], "tls13") == 0) version = TLS1_3_VERSION;
     else if (strcmp(argv[i], "resume") == 0) resume = 1;
+    else if (strcmp(argv[i], "line") == 0) send_line = 1;
     else { fprintf(stderr, "tls_client: unknown argument %s\n", argv[i]); return 100; }
   }
   if (total_count <= 0 || clients <= 0 || seconds <= 0) { fprintf(stderr, "tls_client: bad numbers\n"); return 100; }
