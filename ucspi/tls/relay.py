@@ -15,7 +15,9 @@ semantics are ucspi-ssl's ssl_io (README, sslserver, Closing).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
+import signal
 import socket
 import ssl
 from collections.abc import Callable
@@ -26,6 +28,26 @@ BUFFER = 64 * 1024  # bytes per direction, at most, in our hands (the kernel's p
 _READ = 16 * 1024  # one TLS record's worth of plaintext per call
 # After our close_notify, with nobody left to read the peer's data: how long its close_notify may take.
 CLOSE_WAIT_SECONDS = 5.0
+
+
+# The server's costly step (its signature over the ClientHello's answer) runs on these threads,
+# not the loop's: OpenSSL releases the GIL, and 8 RSA handshakes on the loop raised another
+# session's p99 by about 5 ms (bench/tls_latency.py). One thread per core, 2 at least.
+HANDSHAKE_THREADS = max(2, min(len(os.sched_getaffinity(0)), 8))
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _block_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # SIGCHLD and the rest: the loop's
+
+
+def _handshake_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(
+            HANDSHAKE_THREADS, thread_name_prefix="handshake", initializer=_block_signals
+        )
+    return _pool
 
 
 class HandshakeFailed(Exception):
@@ -56,10 +78,17 @@ class TLSSession:
         """Done within timeout seconds in all (0: no limit), or HandshakeFailed with OpenSSL's reason."""
         deadline = self.loop.time() + timeout if timeout > 0 else None
         sslobj = self.ssl
+        offloaded = False
         try:
             while True:
                 try:
-                    sslobj.do_handshake()
+                    if not offloaded and self.incoming.pending:
+                        # The ClientHello is in: its answer (key share, signature) off the loop's thread.
+                        # Nothing else touches this session meanwhile: its coroutine is waiting here.
+                        offloaded = True
+                        await self.loop.run_in_executor(_handshake_pool(), sslobj.do_handshake)
+                    else:
+                        sslobj.do_handshake()
                     break
                 except ssl.SSLWantReadError:
                     pass
