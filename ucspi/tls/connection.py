@@ -10,6 +10,7 @@ The -c slot is held from accept until the relay is over and the program has been
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import ssl
 from typing import ClassVar
 
 from ucspi.server.connection import Connection, Drop
+from ucspi.server.limits import Refusal
 from ucspi.server.log import Dropped, ProgramEnded, Served, TLSAccepted, TLSFailed
 from ucspi.server.peer import Peer, Relay
 from ucspi.server.spawn import tcp_variables
@@ -150,6 +152,12 @@ class TLSConnection(Connection):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         finally:
             sock.detach()
+
+    def _refuse(self, peer: Peer, refusal: Refusal) -> None:
+        """At a limit: closed without the message (plaintext would be garbage to a TLS client), but under -n."""
+        if refusal.message and not self.setup.options.starttls:
+            refusal = dataclasses.replace(refusal, message=b"")
+        super()._refuse(peer, refusal)
 
     def _program(
         self,
