@@ -125,7 +125,9 @@ child_main(void *argument)
     _exit(127);
 }
 
-/* The bytes items of a PySequence_Fast as a NULL-terminated array (borrowed: the sequence holds them). */
+/* The bytes items of a PySequence_Fast as a NULL-terminated array (borrowed: the sequence holds them).
+ * An item holding a NUL ends there, as a C string does: a DNS name with a NUL in TCPREMOTEHOST
+ * reaches the program cut, as from the original (and as through posix_spawn's c_char_p). */
 static char **
 string_array(PyObject *sequence, const char *what)
 {
@@ -142,11 +144,6 @@ string_array(PyObject *sequence, const char *what)
         if (!PyBytes_Check(items[i])) {
             PyMem_Free(array);
             PyErr_Format(PyExc_TypeError, "%s: bytes expected, not %.100s", what, Py_TYPE(items[i])->tp_name);
-            return NULL;
-        }
-        if ((Py_ssize_t)strlen(PyBytes_AS_STRING(items[i])) != PyBytes_GET_SIZE(items[i])) {
-            PyMem_Free(array);
-            PyErr_Format(PyExc_ValueError, "%s: embedded null byte", what);
             return NULL;
         }
         array[i] = PyBytes_AS_STRING(items[i]);
