@@ -1,9 +1,9 @@
 /* The native launcher: bin/tcpserver from a checkout, and the installed tcpserver (`make`
  * builds it; bin/tcpclient and bin/sslserver are links to it, and start their command).
  *
- * Before Python starts, tcpserver's soft resource limits go up to the hard ones, so that Python
- * and its threads have room under `softlimit -m N` for any N the C tcpserver starts with; the
- * limits as they were, and the signals ignored before Python ignores SIGPIPE and SIGXFSZ, follow
+ * Before Python starts, tcpserver's soft memory, stack, descriptor and process limits go up to
+ * the hard ones, so that Python and its threads have room under `softlimit -m N` for any N the
+ * C tcpserver starts with; the limits as they were, and the signals ignored before Python ignores SIGPIPE and SIGXFSZ, follow
  * in an argv marker right after the interpreter's arguments (ucspi/server/spawn.py reads it, and
  * every program gets those limits back). Nothing is added to the environment, not even PWD: it
  * goes to Python, and on to every program, byte for byte as it came.
@@ -79,13 +79,18 @@ find_python(const char *command, const char *argv0, char *python, size_t size)
     fatal(command, "run make first", "");
 }
 
+/* What Python needs room in: memory, stack (RLIMIT_STACK also sizes threads by default),
+ * descriptors, and processes (threads count). The others (CORE, FSIZE, CPU, ...) stay on the
+ * server as on the C one: a server's core dump, say, is the admin's call. */
+static const int lifted_resources[] = {RLIMIT_AS, RLIMIT_DATA, RLIMIT_STACK, RLIMIT_NOFILE, RLIMIT_NPROC};
+
 /* MARKER ignored=HEX,limit=RESOURCE:SOFT:HARD,...: each limit raised to its hard one is listed. */
 static void
 lift_limits(char *marker, size_t size)
 {
     unsigned long long ignored = 0;
     struct sigaction action;
-    size_t used;
+    size_t used, i;
     int sig, resource;
 
     for (sig = 1; sig <= 64; sig++) {
@@ -94,8 +99,9 @@ lift_limits(char *marker, size_t size)
             ignored |= 1ULL << (sig - 1);
     }
     used = (size_t)snprintf(marker, size, "%signored=%llx", MARKER, ignored);
-    for (resource = 0; resource < RLIM_NLIMITS; resource++) {
+    for (i = 0; i < sizeof lifted_resources / sizeof lifted_resources[0]; i++) {
         struct rlimit limit, lifted;
+        resource = lifted_resources[i];
         if (getrlimit(resource, &limit) != 0 || limit.rlim_cur == limit.rlim_max)
             continue;
         lifted.rlim_cur = lifted.rlim_max = limit.rlim_max;
