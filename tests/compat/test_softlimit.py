@@ -99,3 +99,19 @@ def test_a_hard_limit_lowered_since_caps_the_programs() -> None:
     assert [line.split()[3:5] for line in ours.splitlines() if line.startswith(b"Max open files")] == [[b"30", b"30"]]
     if original_available():
         assert ours == _limits_after_lowering(ORIGINAL)
+
+
+def test_core_file_and_cpu_limits_stay_on_the_server() -> None:
+    """Only what Python needs room in is lifted: a server held to no core dump dumps none."""
+    with start_server(
+        OUR_SERVER.command,
+        ["-HRl0"],
+        PROGRAM,
+        environment=plain_environment(),
+        wrapper=["softlimit", "-c", "0", "-f", "100000", "-t", "3600", "-m", "3000000"],
+    ) as server:
+        own = resource.prlimit(server.pid, resource.RLIMIT_CORE), resource.prlimit(server.pid, resource.RLIMIT_FSIZE)
+        cpu = resource.prlimit(server.pid, resource.RLIMIT_CPU)
+        address_space = resource.prlimit(server.pid, resource.RLIMIT_AS)
+    assert (own[0][0], own[1][0], cpu[0]) == (0, 100000, 3600)
+    assert address_space[0] == address_space[1]  # lifted
