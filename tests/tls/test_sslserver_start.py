@@ -243,3 +243,10 @@ def test_a_failed_handshake_is_logged_and_costs_no_process(tls_certs: Certificat
         assert line.startswith(b"sslserver: warning: dropping connection, unable to accept SSL: ")
         time.sleep(0.1)
         assert not any(line.startswith(b"sslserver: pid ") for line in server.log())
+
+
+def test_a_bind_failure_in_sslservers_words(tls_certs: Certificates) -> None:
+    """The shared start-up code's `tcpserver: fatal:` lines come out under sslserver's name, exit 111."""
+    result = run_sslserver(["1.2.3.4", "0", "true"], tls_certs.environment())
+    assert result.returncode == 111
+    assert result.stderr.startswith(b"sslserver: fatal: unable to bind: ")

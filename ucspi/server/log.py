@@ -449,6 +449,8 @@ class Log:
         """
         if not self.structured:
             if self.verbosity:
+                if self.name != b"tcpserver" and message.startswith(b"tcpserver: "):
+                    message = self.name + message[len(b"tcpserver") :]  # the shared start-up code's words
                 self._write(message + b"\n")
             return
         # Start-up code names the command itself (`tcpserver: fatal: `): whatever the name, it goes.

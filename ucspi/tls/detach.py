@@ -140,7 +140,8 @@ def _supervise(child: int, relay: socket.socket, lifeline: int) -> None:
     import time
 
     while True:
-        timeout = None if stop_deadline is None else max(0.0, stop_deadline - time.monotonic())
+        # A SIGCHLD that came before its handler was set is lost: the child is looked at once a second too.
+        timeout = 1.0 if stop_deadline is None else max(0.0, min(1.0, stop_deadline - time.monotonic()))
         try:
             readable, _, _ = select.select([wake_read, relay], [], [], timeout)
         except InterruptedError:
@@ -160,24 +161,25 @@ def _supervise(child: int, relay: socket.socket, lifeline: int) -> None:
                 with contextlib.suppress(OSError):
                     os.write(lifeline, b"X")
                 os._exit(0)
+        numbers = b""
         if wake_read in readable:
             try:
                 numbers = os.read(wake_read, 256)
             except OSError:
                 numbers = b""
-            for number in numbers:
-                if number in _FORWARDED:
-                    with contextlib.suppress(OSError):
-                        os.kill(child, number)
-                elif number in _STOPPING and stop_deadline is None:
-                    stop_deadline = time.monotonic() + STOP_WAIT_SECONDS
-                    with contextlib.suppress(OSError):
-                        os.write(lifeline, b"S")
-            try:
-                pid, status = os.waitpid(child, os.WNOHANG)
-            except ChildProcessError:
-                pid, status = child, 0
-            if pid == child:
-                if stop_deadline is not None:
-                    os._exit(0)
-                os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 111)
+        for number in numbers:
+            if number in _FORWARDED:
+                with contextlib.suppress(OSError):
+                    os.kill(child, number)
+            elif number in _STOPPING and stop_deadline is None:
+                stop_deadline = time.monotonic() + STOP_WAIT_SECONDS
+                with contextlib.suppress(OSError):
+                    os.write(lifeline, b"S")
+        try:
+            pid, status = os.waitpid(child, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = child, 0
+        if pid == child:
+            if stop_deadline is not None:
+                os._exit(0)
+            os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 111)
