@@ -17,6 +17,7 @@ import socket
 import ssl
 from typing import ClassVar
 
+from ucspi.errors import error_text
 from ucspi.server.connection import Connection, Drop
 from ucspi.server.limits import Refusal
 from ucspi.server.log import Dropped, ProgramEnded, Served, TLSAccepted, TLSFailed
@@ -201,8 +202,7 @@ class TLSConnection(Connection):
                 changes += session_variables(self.setup, session.ssl, self._server_variables(session))
             changes += self._rule_variables
             # Pipes: the program's ends blocking (as a program expects), ours made non-blocking by the relay.
-            to_program_read, to_program_write = os.pipe()
-            from_program_read, from_program_write = os.pipe()
+            (to_program_read, to_program_write), (from_program_read, from_program_write) = _pipes()
             self._program_fds = (to_program_read, from_program_write)
             self._tls_fds = (to_program_write, from_program_read)
             self._spawn(changes)
@@ -256,11 +256,17 @@ class TLSConnection(Connection):
     # -- -n: UCSPI-TLS ------------------------------------------------------------------------
 
     def _start_program_plain(self, rule_variables: list[tuple[bytes, bytes]]) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as error:
+            raise Drop(b"unable to create socketpair: " + error_text(error).encode(), b"tls") from None
         self._ctl = ours
         ours.setblocking(False)
-        to_program_read, to_program_write = os.pipe()
-        from_program_read, from_program_write = os.pipe()
+        try:
+            (to_program_read, to_program_write), (from_program_read, from_program_write) = _pipes()
+        except Drop:
+            theirs.close()
+            raise
         self._program_fds = (theirs.detach(), to_program_read, from_program_write)
         self._tls_fds = (to_program_write, from_program_read)
         control, reading, writing = self._program_fds
@@ -436,6 +442,20 @@ class TLSConnection(Connection):
         if self.pid and not self._spawn_pending:
             self._program_over = False  # its reaping finishes the connection
         super().internal_error(error)
+
+
+def _pipes() -> tuple[tuple[int, int], tuple[int, int]]:
+    """The program's two pipes (close-on-exec; spawn dup2s its ends onto 0 and 1), or Drop."""
+    try:
+        first = os.pipe()
+    except OSError as error:
+        raise Drop(b"unable to create pipe: " + error_text(error).encode(), b"tls") from None
+    try:
+        return first, os.pipe()
+    except OSError as error:
+        for fd in first:
+            os.close(fd)
+        raise Drop(b"unable to create pipe: " + error_text(error).encode(), b"tls") from None
 
 
 def _printable(data: bytes) -> bytes:
