@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from ucspi.cli import tcpserver
-from ucspi.errors import Fatal
-from ucspi.server.log import Log
-from ucspi.server.options import LONG_OPTIONS, ServerOptions
-from ucspi.tls.detach import Child, split
-from ucspi.tls.options import SSL_OPTION_TABLE, USAGE, TLSOptions, apply_tls_options
+# Only what the split needs is imported before it: the supervised parent stays small.
+from ucspi.tls.detach import Child, open_standard_descriptors, split
+
+if TYPE_CHECKING:
+    from ucspi.cli.tcpserver import Command
+    from ucspi.server.log import Log
+    from ucspi.server.options import ServerOptions
+    from ucspi.tls.options import TLSOptions
 
 
 def help_text() -> str:
     """--help, from the option tables (as tcpserver's)."""
     import click
+
+    from ucspi.server.options import LONG_OPTIONS
+    from ucspi.tls.options import SSL_OPTION_TABLE
 
     formatter = click.HelpFormatter()
     formatter.write_usage("sslserver", "[options] host port program [args...]")
@@ -73,6 +79,8 @@ _NO_DEADLINE = 10 * 365 * 86400.0
 
 
 def _configure(parsed: list[tuple[str, str | None]], options: ServerOptions) -> TLSOptions:
+    from ucspi.tls.options import apply_tls_options
+
     if _child is not None and options.drain is None:
         options.drain = _NO_DEADLINE
     return apply_tls_options(parsed, options)
@@ -80,9 +88,10 @@ def _configure(parsed: list[tuple[str, str | None]], options: ServerOptions) -> 
 
 def _start(options: ServerOptions, extra: object, environ: dict[bytes, bytes], log: Log) -> type:
     """Before the listeners and the privilege drop: the password (-3), the certificates, once."""
-    from ucspi.errors import EXIT_TEMPORARY
+    from ucspi.errors import EXIT_TEMPORARY, Fatal
     from ucspi.tls.connection import TLSConnection
     from ucspi.tls.context import load, read_password_fd3
+    from ucspi.tls.options import TLSOptions
 
     assert isinstance(extra, TLSOptions)
     if _child is not None:
@@ -102,7 +111,12 @@ def _start(options: ServerOptions, extra: object, environ: dict[bytes, bytes], l
     return Bound
 
 
-SSLSERVER = tcpserver.Command("sslserver", USAGE, SSL_OPTION_TABLE, _configure, _start)
+def command() -> Command:
+    """sslserver's description for tcpserver's main and serve."""
+    from ucspi.cli.tcpserver import Command
+    from ucspi.tls.options import SSL_OPTION_TABLE, USAGE
+
+    return Command("sslserver", USAGE, SSL_OPTION_TABLE, _configure, _start)
 
 
 def main() -> None:
@@ -117,9 +131,12 @@ def main() -> None:
         return
     global _child
     # Before the split: fds 0-2 that came closed must not be taken by its pipes.
-    tcpserver._open_closed_standard_descriptors()
+    open_standard_descriptors()
     _child = split()  # the parent supervises and never returns
-    tcpserver.main(LONG_OPTIONS, SSLSERVER)
+    from ucspi.cli import tcpserver
+    from ucspi.server.options import LONG_OPTIONS
+
+    tcpserver.main(LONG_OPTIONS, command())
 
 
 def _write_stdout(data: bytes) -> None:
