@@ -64,3 +64,20 @@ def test_a_start_up_error_is_the_supervised_process_exit_code(tls_certs: Certifi
     assert b"unable to load certificate" in process.stderr.read()
     usage = serverproc.launch(serverproc.Path(start_sslserver.__globals__["SSLSERVER"]), ["-a", "0", "0", "true"])
     assert usage.wait(10) == 100
+
+
+def test_a_kill_of_the_serving_child_ends_the_supervised_process_111(tls_certs: Certificates) -> None:
+    """README's promise: such a crash ends its sessions, and the supervisor sees a failure to restart."""
+    server = start_sslserver([], ["/bin/cat"], tls_certs.environment())
+    try:
+        (serving,) = children_of(server.process.pid)
+        client = TlsClient(server.port, timeout=10)
+        client.handshake()
+        assert _echo(client, b"live\n") == b"live\n"
+        serverproc.os.kill(serving, signal.SIGKILL)
+        assert server.process.wait(5) == 111
+        assert client.read_all(timeout=5).how in ("eof", "reset")
+        client.close()
+    finally:
+        if server.process.poll() is None:
+            server.stop()
