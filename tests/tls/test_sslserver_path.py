@@ -89,3 +89,17 @@ def test_an_ipv6_client_gets_the_tcp6_twins_with_e(tls_certs: Certificates) -> N
     assert env[b"PROTO"] == b"SSL"
     assert env[b"SSLREMOTEIP"] == env[b"TCPREMOTEIP"] == env[b"TCP6REMOTEIP"] == b"::1"
     assert env[b"TCP6LOCALPORT"] == env[b"SSLLOCALPORT"]
+
+
+def test_a_proxy_header_comes_before_the_handshake(tls_certs: Certificates) -> None:
+    program = [sys.executable, SHOW_ENV]
+    options = ["-e", "--proxy-from=127.0.0.1"]
+    with start_sslserver(options, program, tls_certs.environment()) as server:
+        sock = serverproc.connect(server.port, timeout=10)
+        sock.sendall(b"PROXY TCP4 192.0.2.7 198.51.100.9 4711 465\r\n")
+        with TlsClient(server.port, sock=sock) as client:
+            client.handshake()
+            env = _environment(client.read_all().data)
+    assert env[b"SSLREMOTEIP"] == env[b"TCPREMOTEIP"] == b"192.0.2.7"
+    assert env[b"SSLREMOTEPORT"] == b"4711" and env[b"SSLLOCALIP"] == b"198.51.100.9"
+    assert env[b"TCPPROXYIP"] == b"127.0.0.1"
