@@ -250,3 +250,15 @@ def test_a_bind_failure_in_sslservers_words(tls_certs: Certificates) -> None:
     result = run_sslserver(["1.2.3.4", "0", "true"], tls_certs.environment())
     assert result.returncode == 111
     assert result.stderr.startswith(b"sslserver: fatal: unable to bind: ")
+
+
+def test_certchainfile_takes_precedence(tls_certs: Certificates) -> None:
+    variables = {
+        b"CERTCHAINFILE": os.fsencode(tls_certs.rsa_cert),
+        b"CERTFILE": b"/nonexistent/cert.pem",
+        b"KEYFILE": os.fsencode(tls_certs.rsa_key),
+    }
+    with start_sslserver([], ["echo", "chain"], variables) as server:
+        with TlsClient(server.port) as client:
+            client.handshake()
+            assert client.read_all().data == b"chain\n"

@@ -1,7 +1,7 @@
 """sslserver's certificates, loaded once at start, and the TLS variables they give (README, sslserver).
 
-The environment names what is loaded: CERTFILE, KEYFILE (empty or unset: the key is in
-CERTFILE), CAFILE, CADIR, CCAFILE, CIPHERS, VERIFYDEPTH, DHFILE, and s6's CERTFILE:name /
+The environment names what is loaded: CERTFILE (or fehcom's CERTCHAINFILE, which wins), KEYFILE
+(empty or unset: the key is in it), CAFILE, CADIR, CCAFILE, CIPHERS, VERIFYDEPTH, DHFILE, and s6's CERTFILE:name /
 KEYFILE:name pairs for SNI. Every failure here is fatal at start (exit 111), never per client.
 """
 
@@ -244,9 +244,9 @@ def load(options: TLSOptions, environ: dict[bytes, bytes], password: bytes | Non
     if password is None:
         # Never a prompt on the terminal: an encrypted key without -3 is a start-up error.
         password = b""
-    context, server_variables = _load_pair(
-        options, environ, environ.get(b"CERTFILE"), environ.get(b"KEYFILE"), password
-    )
+    # fehcom's CERTCHAINFILE (the certificate and its chain) takes precedence over CERTFILE.
+    certfile = environ.get(b"CERTCHAINFILE") or environ.get(b"CERTFILE")
+    context, server_variables = _load_pair(options, environ, certfile, environ.get(b"KEYFILE"), password)
     setup = TLSSetup(context, options, server_variables)
     for name, certfile in environ.items():
         if not name.startswith(b"CERTFILE:"):
