@@ -15,8 +15,6 @@ from ucspi.cli.getopt import GetoptError, getopt
 from ucspi.errors import EXIT_PERMANENT, EXIT_TEMPORARY, Fatal
 from ucspi.server.log import Exiting, Log, SignalTaken
 from ucspi.server.options import (
-    ARGUMENT_LETTERS,
-    FLAG_LETTERS,
     LONG_OPTIONS,
     OPTION_TABLE,
     USAGE,
@@ -36,6 +34,29 @@ from ucspi.server.spawn import (
 
 if TYPE_CHECKING:
     from ucspi.server.loop import Server
+
+
+class Command:
+    """What tcpserver and sslserver (ucspi/cli/sslserver.py) do differently; the rest is one code."""
+
+    def __init__(
+        self,
+        name: str,
+        usage: str,
+        table: Sequence[Option],
+        configure: Callable[[list[tuple[str, str | None]], ServerOptions], object] | None = None,
+        start: Callable[[ServerOptions, object, dict[bytes, bytes], Log], type | None] | None = None,
+    ) -> None:
+        self.name = name
+        self.usage = usage
+        self.table = tuple(table)
+        self.flag_letters = "".join(option.name for option in table if option.argument is None)
+        self.argument_letters = "".join(option.name for option in table if option.argument is not None)
+        self.configure = configure  # its own letters, after apply_options: an object serve hands to start
+        self.start = start  # before the listeners: what it loads once; its connection class, or None
+
+
+TCPSERVER = Command("tcpserver", USAGE, OPTION_TABLE)
 
 
 def _write_fd(fd: int, data: bytes) -> None:
@@ -92,9 +113,9 @@ def version_text() -> str:
     return f"tcpserver (ucspi) {number}, spawn: {spawn_path()}\n"
 
 
-def _usage_and_exit(log_usage: bool) -> None:
+def _usage_and_exit(log_usage: bool, usage: str = USAGE) -> None:
     if log_usage:
-        _write_stderr(USAGE)
+        _write_stderr(usage)
     os._exit(EXIT_PERMANENT)
 
 
@@ -221,7 +242,7 @@ def _forward_signals_to(server: Server) -> None:
             forward(signal.SIGUSR1)
 
 
-def main(long_options: Sequence[Option] = LONG_OPTIONS) -> None:
+def main(long_options: Sequence[Option] = LONG_OPTIONS, command: Command = TCPSERVER) -> None:
     """The command; tests pass rows of options to come as long_options."""
     # First: the native launcher's marker leaves argv, and the mask we were started with is
     # recorded before any thread blocks a signal (spawn.py).
@@ -229,7 +250,7 @@ def main(long_options: Sequence[Option] = LONG_OPTIONS) -> None:
     # Sized here, not by RLIMIT_STACK: under `softlimit -m` each thread would reserve that much.
     threading.stack_size(THREAD_STACK_SIZE)
     _open_closed_standard_descriptors()
-    program_name = os.path.basename(sys.argv[0]) or "tcpserver"
+    program_name = os.path.basename(sys.argv[0]) or command.name
     arguments = sys.argv[1:]
     if arguments == ["--help"]:
         _write_fd(1, help_text(long_options).encode())
@@ -238,31 +259,32 @@ def main(long_options: Sequence[Option] = LONG_OPTIONS) -> None:
         _write_fd(1, version_text().encode())
         return
     try:
-        parsed, operands = getopt(arguments, FLAG_LETTERS, ARGUMENT_LETTERS, long_options=True)
+        parsed, operands = getopt(arguments, command.flag_letters, command.argument_letters, long_options=True)
     except GetoptError as error:
         _write_stderr(error.message(program_name))
-        _usage_and_exit(True)
+        _usage_and_exit(True, command.usage)
         return
     initial_environment = read_initial_environment()
     try:
-        options = apply_options(parsed, first_values(initial_environment), (*OPTION_TABLE, *long_options))
+        options = apply_options(parsed, first_values(initial_environment), (*command.table, *long_options))
     except UnknownOption as error:
         _write_stderr(error.message(program_name))
-        _usage_and_exit(True)
+        _usage_and_exit(True, command.usage)
         return
     except BadValue as error:
         # Like getopt's complaints, written whatever -q says: a command line error is never silent.
         _write_stderr(error.message)
         os._exit(error.exit_code)
+    extra = command.configure(parsed, options) if command.configure is not None else None
     unpaired = _proxy_option_without_proxy_from(options)
     if unpaired:
         _write_stderr(f"tcpserver: fatal: {unpaired} needs --proxy-from")
         os._exit(EXIT_PERMANENT)
     from ucspi.server.log import make_log
 
-    log = make_log(options.verbosity, options.log_format, b"tcpserver")
+    log = make_log(options.verbosity, options.log_format, command.name.encode())
     try:
-        serve(options, operands, log, initial_environment)
+        serve(options, operands, log, initial_environment, command, extra)
     except Fatal as fatal:
         if options.verbosity:
             log.fatal_message(fatal.message)  # classic: the line as it is; logfmt, json: an event
@@ -312,20 +334,27 @@ def _listeners(
     return listeners
 
 
-def serve(options: ServerOptions, operands: list[str], log: Log, initial_environment: list[bytes]) -> None:
+def serve(
+    options: ServerOptions,
+    operands: list[str],
+    log: Log,
+    initial_environment: list[bytes],
+    command: Command = TCPSERVER,
+    extra: object = None,
+) -> None:
     global _signal_log, _term_drains
     _signal_log, _term_drains = log, options.drain is not None
     _take_signals_in_one_thread()
     from ucspi.server.listen import drop_privileges, resolve_port
 
     if not operands:
-        _usage_and_exit(bool(options.verbosity))
+        _usage_and_exit(bool(options.verbosity), command.usage)
     host = operands[0]
     if len(operands) < 2:
-        _usage_and_exit(bool(options.verbosity))
+        _usage_and_exit(bool(options.verbosity), command.usage)
     port = resolve_port(operands[1])
     if len(operands) < 3:
-        _usage_and_exit(bool(options.verbosity))
+        _usage_and_exit(bool(options.verbosity), command.usage)
     program = [os.fsencode(argument) for argument in operands[2:]]
 
     # SIGINT and SIGHUP end the server as their default action does: quietly, no traceback.
@@ -340,6 +369,7 @@ def serve(options: ServerOptions, operands: list[str], log: Log, initial_environ
 
     # Looked up as getenv does: the first entry of a name wins.
     environ = first_values(initial_environment)
+    connection_class = command.start(options, extra, environ, log) if command.start is not None else None
     listeners = _listeners(options, host, port, environ, log)
     # Connected before -u/-g: the socket's path may be writable by root alone.
     notifier, notify_error = notifier_from(environ.get(b"NOTIFY_SOCKET"))
@@ -374,6 +404,8 @@ def serve(options: ServerOptions, operands: list[str], log: Log, initial_environ
         options, listeners, spawner, Environment(initial_environment), facts, log, notifier, status_socket=status_socket
     )
     server.loop.call_soon(_forward_signals_to, server)
+    if connection_class is not None:
+        server.connection_class = connection_class
     try:
         server.run()
     except Fatal:
