@@ -360,6 +360,12 @@ def main() -> int:
         if not os.access(path, os.X_OK):
             print(f"tls_bench: no {path} ({package})", file=sys.stderr)
             return 1
+    if shutil.which("gcc") is None or not Path("/usr/include/openssl/ssl.h").exists():
+        print(
+            "tls_bench: bench/tls_client.c needs gcc and OpenSSL's headers (apt-get install gcc libssl-dev)",
+            file=sys.stderr,
+        )
+        return 1
     client = build_client()
     with tempfile.TemporaryDirectory(prefix="tls-bench-") as scratch:
         work = Path(scratch)
