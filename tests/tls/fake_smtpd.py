@@ -2,7 +2,7 @@
 
 Under TLS means: SSL_PROTOCOL is in the environment (SMTPS through `sslserver -s`), or the
 client has done STARTTLS through UCSPI-TLS (`sslserver -n`: SSLCTLFD, SSLREADFD, SSLWRITEFD;
-spec/tls.md §1.10 and §6.5). STARTTLS is offered when SSLCTLFD is set and TLS is not on yet.
+README, sslserver: STARTTLS). STARTTLS is offered when SSLCTLFD is set and TLS is not on yet.
 The one account is user `u`, password `p`. QUIT gets `221`, then the program exits 0; EOF on
 its input exits 0 too (so a failed handshake after `y` does not leave it hanging).
 

@@ -1,11 +1,11 @@
-"""sslserver under hostile input and at every edge of a session's life (issue 14; spec/tls.md §6.6, §6.7).
+"""sslserver under hostile input and at every edge of a session's life (issue 14; README, sslserver: Closing, and its hostile cases).
 
 Each case has a hard bound: the server runs with a short -T (handshake deadline) and -w (idle),
 every client call has a timeout, and each test ends by checking the server for zombies and for
 descriptors beyond the count it had after one warm-up session. The byte-exact close cases drive
 Python's ssl over memory BIOs (tls.tlsclient) so that close_notify, a bare FIN and an RST each
 come exactly when the case says; the QUIT-then-close_notify case also runs against stunnel4, the
-comparison point that gets it right (spec/tls.md §4.1).
+comparison point that gets it right.
 """
 
 from __future__ import annotations

@@ -537,7 +537,7 @@ STUNNEL = Path("/usr/bin/stunnel4")
 
 class Stunnel:
     """stunnel4 in daemon mode, in the foreground, one service `accept = HOST:PORT` with `exec =`
-    program: the comparison point of spec/tls.md §4. stop() sends TERM to its pid only."""
+    program: the comparison point (README, Performance). stop() sends TERM to its pid only."""
 
     def __init__(
         self,
