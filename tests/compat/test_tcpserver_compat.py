@@ -30,6 +30,7 @@ from serverproc import (
     original_available,
     plain_environment,
 )
+from test_spawn_paths import ctypes_implementation
 from test_tcpserver_environment import RAW_ENVIRONMENT, RULE_FORMS
 from test_tcpserver_options import COMMAND_LINES, ORIGINAL_USAGE, USAGE
 
@@ -40,14 +41,22 @@ pytestmark = pytest.mark.skipif(
 Scenario = Callable[[Implementation, Path, str], scenarios.Outcome]
 
 
-def compare(scenario: Scenario, tmp_path: Path, ip: str = "127.0.0.1") -> None:
+def compare(scenario: Scenario, tmp_path: Path, ip: str = "127.0.0.1", ours: Implementation = OUR_SERVER) -> None:
     """Run on ours, then on the original (same client address, fresh directories), and compare."""
     outcomes = {}
-    for implementation in (OUR_SERVER, ORIGINAL_SERVER):
+    for implementation in (ours, ORIGINAL_SERVER):
         directory = tmp_path / implementation.name
         directory.mkdir()
         outcomes[implementation.name] = scenario(implementation, directory, ip).comparable()
-    assert outcomes["ours"] == outcomes["original"]
+    assert outcomes[ours.name] == outcomes["original"]
+
+
+def through_ctypes() -> Implementation:
+    """Ours on the ctypes spawn path (UCSPI_NO_EXTENSION=1), for the spawn's scenarios."""
+    implementation = ctypes_implementation()
+    if implementation is None:
+        pytest.skip("no C compiler for the wrapper that sets UCSPI_NO_EXTENSION=1")
+    return implementation
 
 
 # ---------------------------------------------------------------- environment
@@ -98,6 +107,11 @@ def test_environment(scenario: Scenario, tmp_path: Path) -> None:
     compare(scenario, tmp_path)
 
 
+@pytest.mark.parametrize("scenario", ENVIRONMENT_SCENARIOS)
+def test_environment_through_ctypes(scenario: Scenario, tmp_path: Path) -> None:
+    compare(scenario, tmp_path, ours=through_ctypes())
+
+
 # ---------------------------------------------------------------- rules, log, processes
 
 # Changing ids (-u, -g, -U) is root's: run by another user, both servers only say "permission denied".
@@ -140,6 +154,24 @@ OTHER_SCENARIOS = [
 @pytest.mark.parametrize("scenario", OTHER_SCENARIOS)
 def test_scenario(scenario: Scenario, tmp_path: Path) -> None:
     compare(scenario, tmp_path)
+
+
+# What the spawn path decides: the program's start, its failures, its ids, signals and descriptors.
+_SPAWN_SCENARIOS = {
+    "program-missing",
+    "program-not-on-path",
+    "wait-statuses",
+    "user-group",
+    "user-group-U",
+    "child-signals",
+    "child-signals-inherited",
+    "child-descriptors",
+}
+
+
+@pytest.mark.parametrize("scenario", [case for case in OTHER_SCENARIOS if case.id in _SPAWN_SCENARIOS])
+def test_scenario_through_ctypes(scenario: Scenario, tmp_path: Path) -> None:
+    compare(scenario, tmp_path, ours=through_ctypes())
 
 
 @pytest.mark.parametrize(("arguments", "code", "stderr"), COMMAND_LINES)

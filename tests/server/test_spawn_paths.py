@@ -5,11 +5,15 @@ original's words, and leaves no slot taken (README, differences items 8 and 9)."
 
 from __future__ import annotations
 
+import atexit
 import errno
+import functools
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +24,7 @@ from serverproc import (
     ORIGINAL,
     OUR_SERVER,
     TOP,
+    Implementation,
     environment_entries,
     original_available,
     plain_environment,
@@ -44,6 +49,53 @@ PATHS = [
     ),
     pytest.param([FORCE_CTYPES], id="ctypes"),
 ]
+
+# tcpserver forced onto the ctypes path by the one switch it reads, for the comparison tests
+# (tests/compat/test_tcpserver_compat.py): execve of the installed command with the environment
+# as given plus UCSPI_NO_EXTENSION=1, argv unchanged (so the log keeps the name tcpserver).
+_CTYPES_WRAPPER = r"""
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+extern char **environ;
+int main(int argc, char **argv)
+{
+    size_t count = 0;
+    char **entries;
+    while (environ[count])
+        count++;
+    entries = malloc((count + 2) * sizeof *entries);
+    if (!entries)
+        return 111;
+    memcpy(entries, environ, count * sizeof *entries);
+    entries[count] = "UCSPI_NO_EXTENSION=1";
+    entries[count + 1] = NULL;
+    execve(TARGET, argv, entries);
+    return 111;
+}
+"""
+
+
+@functools.cache
+def ctypes_implementation() -> Implementation | None:
+    """Our tcpserver through the ctypes path, as an Implementation; None without a C compiler."""
+    directory = Path(tempfile.mkdtemp(prefix="ucspi-ctypes-"))
+    atexit.register(shutil.rmtree, directory, True)
+    source = directory / "wrapper.c"
+    source.write_text(_CTYPES_WRAPPER)
+    command = directory / "tcpserver"
+    target = '"' + os.fspath(OUR_SERVER.command) + '"'
+    try:
+        built = subprocess.run(
+            ["cc", "-O2", f"-DTARGET={target}", "-o", os.fspath(command), os.fspath(source)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    except OSError:
+        return None
+    return Implementation("ours-ctypes", command, command) if built.returncode == 0 else None
+
 
 STATUS_FIELDS = re.compile(rb"^(SigBlk|SigIgn|SigCgt):\s*([0-9a-f]+)$", re.MULTILINE)
 # One program, one exec: its own status and limits as the exec left them, then its descriptors.
