@@ -77,8 +77,10 @@ stress: $(STAMP)
 fuzz: $(STAMP)
 	$(VPY) tests/fuzz/tcprules_fuzz.py $(FUZZ_ARGS)
 
+# The extension built in place and the native launcher too: `make clean; make test CC=false`
+# must find neither, to test the fallback.
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache ucspi/server/_spawn*.so bin/tcpserver
 
 # A virtualenv under PREFIX/lib/ucspi (Debian refuses system-wide pip installs), commands linked
 # into PREFIX/bin beside the original's other tools (rblsmtpd, recordio), man pages into
