@@ -278,9 +278,26 @@ def _expected_text(kind: str) -> bytes:
     return error_text(getattr(errno, kind)).encode()  # the original's words (ucspi/errors.py)
 
 
+def _kernel_refuses_to_run_a_file_open_for_writing(directory: Path) -> bool:
+    probe = directory / "probe"
+    probe.write_bytes(b"#!/bin/sh\n")
+    probe.chmod(0o755)
+    opened = os.open(probe, os.O_WRONLY)
+    try:
+        subprocess.run([probe], capture_output=True, timeout=10, check=False)
+    except OSError as error:
+        return error.errno == errno.ETXTBSY
+    finally:
+        os.close(opened)
+        probe.unlink()
+    return False
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", EXEC_FAILURES)
 def test_exec_failure_is_told_and_frees_the_slot(path: list[bytes], kind: str, tmp_path: Path) -> None:
+    if kind == "ETXTBSY" and not _kernel_refuses_to_run_a_file_open_for_writing(tmp_path):
+        pytest.skip("this kernel runs a file open for writing (no ETXTBSY to provoke)")
     ours = _exec_failure(OUR_SERVER.command, path, kind, tmp_path / "ours")
     assert ours[1] == b"served\n"
     if original_available():
