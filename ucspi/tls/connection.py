@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from typing import ClassVar
 
 from ucspi.errors import error_text
@@ -392,7 +393,10 @@ class TLSConnection(Connection):
             return
         try:
             if self.server.log.verbose:
-                self.server.log.emit(ProgramEnded(self.pid, wait_status, self.client_ip()))
+                log = self.server.log
+                # From accept to the reap, as tcpserver's (ucspi/server/connection.py): the structured modes' dur_ms.
+                took = int((time.monotonic() - self.slot.started) * 1000) if log.structured else None
+                log.emit(ProgramEnded(self.pid, wait_status, self.client_ip(), took))
         finally:
             self.pid = 0
             self._program_over = True
