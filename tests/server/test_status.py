@@ -33,6 +33,10 @@ from serverproc import (
     start_server,
 )
 
+from ucspi.server.log import StatClient, StatSummary
+from ucspi.server.logformats import JsonFormat
+from ucspi.server.status import json_lines
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing ids needs root")
 NOBODY = 65534
 HOLD = ["/bin/sh", "-c", "echo started; read line"]
@@ -119,6 +123,7 @@ def test_the_view_lists_the_clients_held_open(status_path: Path) -> None:
         assert clients[0][2] >= 1
         view = _status(status_path)
         assert view[0] == {
+            "prog": "tcpserver",
             "ev": "stat",
             "conns": 7,
             "max": 9,
@@ -134,6 +139,39 @@ def test_the_view_lists_the_clients_held_open(status_path: Path) -> None:
             ("::1", 1, "::/64", 1),
         ]
         assert all(line["ev"] == "stat" and line["oldest_s"] >= 1 for line in view[1:])
+
+
+def _timeless(line: bytes) -> bytes:
+    """A JSON line with its ages zeroed: the log's and the socket's views are made a moment apart."""
+    return re.sub(rb'"(uptime_s|oldest_s)":\d+', rb'"\1":0', line)
+
+
+def test_the_socket_serves_the_lines_the_json_log_writes(status_path: Path) -> None:
+    """The same bytes as --log=json's stat lines: `prog` first, then `ev`, the same keys."""
+    server = start_server(
+        OUR_SERVER.command, ["-HR", "--log=json", f"--status-socket={status_path}"], HOLD, host="::"
+    )
+    with server, ExitStack() as stack:
+        _held(server.port, ["127.0.0.2", "127.0.0.2", "::1"], stack)
+        server.signal(signal.SIGUSR1)
+        logged = server.wait_for_log(rb'^\{"prog":"tcpserver","ev":"stat"', count=3)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            _connect_unix(client, status_path)
+            served = read_to_eof(client)
+        assert [_timeless(line) for line in served.splitlines()] == [_timeless(line) for line in logged]
+        assert list(json.loads(served.splitlines()[0]))[:2] == ["prog", "ev"]
+
+
+def test_bytes_that_are_not_utf8_are_escaped_as_the_json_log_does() -> None:
+    """An address is ASCII in practice; should other bytes come, they read as the log's `\\xNN`, not `\\u00NN`."""
+    summary = StatSummary(1, 40, 1, 0, 0, 5)
+    client = StatClient(b"10.0.0.1\xff\"", 1, 2, b"10.0.0.0/24\xc3\xa9", 1)
+    lines = json_lines(summary, [client], b"sslserver")
+    assert lines == JsonFormat(b"sslserver").format(summary, 1) + JsonFormat(b"sslserver").format(client, 1)
+    parsed = [json.loads(line) for line in lines.splitlines()]
+    assert parsed[1]["ip"] == '10.0.0.1\\xff"' and parsed[1]["net"] == "10.0.0.0/24\u00e9"
+    assert parsed[0]["prog"] == "sslserver"
 
 
 def test_denied_and_refused_are_counted(tmp_path: Path) -> None:

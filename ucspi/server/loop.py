@@ -243,7 +243,7 @@ class Server:
             self.log.emit(client)
 
     def status_json(self) -> bytes:
-        return json_lines(*self.status_view())
+        return json_lines(*self.status_view(), self.log.name)  # sslserver's view says sslserver
 
     def _can_accept(self) -> bool:
         return (

@@ -110,43 +110,13 @@ def client_lines(
     ]
 
 
-def _json_text(value: bytes) -> bytes:
-    """A JSON string of bytes that are addresses of ours; anything else is escaped all the same."""
-    out = bytearray(b'"')
-    for byte in value:
-        if 0x20 <= byte < 0x7F and byte not in b'"\\':
-            out.append(byte)
-        else:
-            out += b"\\u%04x" % byte
-    out += b'"'
-    return bytes(out)
+def json_lines(summary: StatSummary, clients: list[StatClient], name: bytes = b"tcpserver") -> bytes:
+    """The view as JSON lines, summary first: each line the one --log=json writes for the same event
+    (logformats.JsonFormat: `prog` first, then `ev`, the same keys and escapes)."""
+    from ucspi.server.logformats import JsonFormat  # as log.py does: only a server that is asked loads it
 
-
-def json_lines(summary: StatSummary, clients: list[StatClient]) -> bytes:
-    """The view as JSON lines, with the field names of the structured log (spec §5.2): summary first."""
-    lines = [
-        b'{"ev":"stat","conns":%d,"max":%d,"accepted":%d,"denied":%d,"refused":%d,"uptime_s":%d}\n'
-        % (
-            summary.connections,
-            summary.limit,
-            summary.accepted,
-            summary.denied,
-            summary.refused,
-            summary.uptime_seconds,
-        )
-    ]
-    lines.extend(
-        b'{"ev":"stat","ip":%s,"conns":%d,"oldest_s":%d,"net":%s,"netconns":%d}\n'
-        % (
-            _json_text(client.ip),
-            client.connections,
-            client.oldest_seconds,
-            _json_text(client.network),
-            client.network_connections,
-        )
-        for client in clients
-    )
-    return b"".join(lines)
+    formatter = JsonFormat(name)
+    return b"".join([formatter.format(summary, 1), *(formatter.format(client, 1) for client in clients)])
 
 
 def _fatal(text: bytes, error: OSError) -> Fatal:
