@@ -27,6 +27,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import threading
 
 STOP_WAIT_SECONDS = 5.0
@@ -90,6 +91,8 @@ def split() -> Child | None:
     name = b"ucspi-sslserver-%d" % parent_pid
     relay = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
+        # An abstract socket has no permissions: each datagram's sender is checked (_from_child).
+        relay.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         relay.bind(b"\0" + name)
         lifeline_read, lifeline_write = os.pipe()
     except OSError:
@@ -117,6 +120,22 @@ def _notifier_socket() -> tuple[socket.socket | None, bytes | None]:
         return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC), address
     except OSError:
         return None, None
+
+
+_CREDENTIALS = struct.Struct("iII")  # struct ucred: pid, uid, gid
+
+
+def _from_child(relay: socket.socket, child: int) -> bytes:
+    """The next datagram if the serving child sent it, else b"" (anyone may send to an abstract name)."""
+    try:
+        message, ancillary, _flags, _address = relay.recvmsg(4096, socket.CMSG_SPACE(_CREDENTIALS.size))
+    except OSError:
+        return b""
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(data) >= _CREDENTIALS.size:
+            pid, _uid, _gid = _CREDENTIALS.unpack_from(data)
+            return message if pid == child else b""
+    return b""
 
 
 def _close_all_but(keep: set[int]) -> None:
@@ -162,10 +181,7 @@ def _supervise(child: int, relay: socket.socket, lifeline: int) -> None:
         if stop_deadline is not None and time.monotonic() >= stop_deadline:
             os._exit(0)  # the child did not say: it may still be starting; its sessions are its own
         if relay in readable:
-            try:
-                message = relay.recv(4096)
-            except OSError:
-                message = b""
+            message = _from_child(relay, child)
             if notify is not None and message:
                 with contextlib.suppress(OSError):
                     notify.sendto(message, notify_address)
