@@ -273,12 +273,12 @@ def main(long_options: Sequence[Option] = LONG_OPTIONS, command: Command = TCPSE
         return
     except BadValue as error:
         # Like getopt's complaints, written whatever -q says: a command line error is never silent.
-        _write_stderr(error.message)
+        _write_stderr(error.message_for(command.name))
         os._exit(error.exit_code)
     extra = command.configure(parsed, options) if command.configure is not None else None
     unpaired = _proxy_option_without_proxy_from(options)
     if unpaired:
-        _write_stderr(f"tcpserver: fatal: {unpaired} needs --proxy-from")
+        _write_stderr(f"{command.name}: fatal: {unpaired} needs --proxy-from")
         os._exit(EXIT_PERMANENT)
     from ucspi.server.log import make_log
 

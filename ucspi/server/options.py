@@ -194,7 +194,11 @@ class BadValue(Exception):
 
     @property
     def message(self) -> bytes:
-        return os.fsencode(f"tcpserver: fatal: bad value for {self.spelling}: {self.value}")
+        return self.message_for("tcpserver")
+
+    def message_for(self, command_name: str) -> bytes:
+        """The line under the command's own name (sslserver's too)."""
+        return os.fsencode(f"{command_name}: fatal: bad value for {self.spelling}: {self.value}")
 
 
 # ---- validators for new options: each takes the text and returns the value, or raises ValueError
