@@ -87,6 +87,16 @@ def test_help_goes_to_stdout_and_exits_0() -> None:
     assert outcome.replies[0].startswith(b"Usage: tcpserver")
 
 
+def test_help_gives_todays_exit_codes() -> None:
+    """0 at TERM and at a drain's end (README, Exit codes), not the 0.88 text `0 SIGTERM`."""
+    text = command_line(OUR_SERVER, ["--help"]).replies[0]
+    codes = re.sub(rb"\s+", b" ", text.split(b"Exit codes:\n", 1)[1]).strip()
+    assert codes == (
+        b"0 at SIGTERM (at once), or at the end of a drain (SIGALRM; SIGTERM with --drain) "
+        b"100 usage error 111 temporary or system failure"
+    )
+
+
 def test_address_already_used() -> None:
     outcome = port_in_use(OUR_SERVER)
     assert (outcome.exit_code, outcome.log) == (111, [b"tcpserver: fatal: unable to bind: address already used"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -47,6 +48,16 @@ def test_help_and_version() -> None:
     assert help_result.returncode == 0 and b"-T timeout" in help_result.stdout and b"CERTFILE" in help_result.stdout
     version = run_sslserver(["--version"])
     assert version.returncode == 0 and version.stdout.startswith(b"sslserver (ucspi) ")
+
+
+def test_help_gives_todays_exit_codes() -> None:
+    """The started process exits 0 once its serving child has closed the listeners (README, Stopping)."""
+    text = run_sslserver(["--help"]).stdout
+    codes = re.sub(rb"\s+", b" ", text.split(b"Exit codes:\n", 1)[1]).strip()
+    assert codes == (
+        b"0 at SIGTERM, SIGHUP, SIGINT or SIGALRM, once the listeners are closed; the sessions go on "
+        b"100 usage error 111 temporary or system failure, a certificate or key not loaded, the serving child lost"
+    )
 
 
 # ---------------------------------------------------------------- certificates

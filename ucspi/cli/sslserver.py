@@ -64,9 +64,10 @@ def help_text() -> str:
     with formatter.section("Exit codes"):
         formatter.write_dl(
             [
+                # The process started exits once the serving child has closed its listeners (README, Stopping).
+                ("0", "at SIGTERM, SIGHUP, SIGINT or SIGALRM, once the listeners are closed; the sessions go on"),
                 ("100", "usage error"),
-                ("111", "temporary or system failure, a certificate or key not loaded"),
-                ("0", "SIGTERM"),
+                ("111", "temporary or system failure, a certificate or key not loaded, the serving child lost"),
             ]
         )
     return formatter.getvalue()

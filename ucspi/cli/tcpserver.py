@@ -98,7 +98,13 @@ def help_text(long_options: Sequence[Option] = LONG_OPTIONS) -> str:
                 ]
             )
     with formatter.section("Exit codes"):
-        formatter.write_dl([("100", "usage error"), ("111", "temporary or system failure"), ("0", "SIGTERM")])
+        formatter.write_dl(
+            [
+                ("0", "at SIGTERM (at once), or at the end of a drain (SIGALRM; SIGTERM with --drain)"),
+                ("100", "usage error"),
+                ("111", "temporary or system failure"),
+            ]
+        )
     return formatter.getvalue()
 
 
