@@ -4,7 +4,9 @@ command's name in its start-up messages, a truncation logged at -v, the end even
 from __future__ import annotations
 
 import re
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,60 @@ def test_the_start_up_failures_after_the_certificates_have_its_name(tls_certs: C
             _, stderr = process.communicate(timeout=10)
             assert process.returncode == 111
             assert stderr.startswith(expected), stderr
+
+
+def _drain_line(server: serverproc.ServerProcess) -> bytes:
+    (line,) = server.wait_for_log(r"ev=drain ")
+    return line
+
+
+@pytest.mark.parametrize(("options", "deadline"), [([], b"30"), (["--drain=7"], b"7")])
+def test_alrm_drains_as_tcpserver_s_30_s_by_default_or_drain_s(
+    tls_certs: Certificates, options: list[str], deadline: bytes
+) -> None:
+    server = start_sslserver(["-v", "--log=logfmt", *options], ["/bin/cat"], tls_certs.environment())
+    try:
+        with TlsClient(server.port, timeout=10) as client:
+            client.handshake()
+            client.send(b"ping\n")
+            assert client.read_until(b"\n") == b"ping\n"
+            server.process.send_signal(signal.SIGALRM)  # to the supervised process, as a supervisor's
+            assert re.search(rb" deadline_s=" + deadline + rb"(\.0)?( |$)", _drain_line(server)), server.log()
+            assert server.process.wait(5) == 0  # the listeners are closed: a new server may bind
+            client.send(b"still\n")  # the session goes on meanwhile
+            assert client.read_until(b"\n") == b"still\n"
+    finally:
+        if server.process.poll() is None:
+            server.stop()
+
+
+def test_alrm_s_deadline_ends_the_program_with_term(tls_certs: Certificates) -> None:
+    server = start_sslserver(["-v", "--drain=1"], ["/bin/cat"], tls_certs.environment())
+    try:
+        with TlsClient(server.port, timeout=10) as client:
+            client.handshake()
+            started = time.monotonic()
+            server.process.send_signal(signal.SIGALRM)
+            assert client.read_all(timeout=8).how in ("close_notify", "eof")
+            assert time.monotonic() - started < 6
+        server.wait_for_log(r": end \d+ status 15$")  # the raw wait status: TERM
+    finally:
+        if server.process.poll() is None:
+            server.stop()
+
+
+def test_term_still_lets_the_sessions_run_to_their_end(tls_certs: Certificates) -> None:
+    server = start_sslserver(["-v", "--log=logfmt"], ["/bin/cat"], tls_certs.environment())
+    try:
+        with TlsClient(server.port, timeout=10) as client:
+            client.handshake()
+            server.process.send_signal(signal.SIGTERM)
+            line = _drain_line(server)
+            match = re.search(rb" deadline_s=(\d+)", line)
+            assert match and int(match.group(1)) > 86400 * 365, line
+            assert server.process.wait(5) == 0
+            client.send(b"later\n")
+            assert client.read_until(b"\n") == b"later\n"
+    finally:
+        if server.process.poll() is None:
+            server.stop()

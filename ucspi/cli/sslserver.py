@@ -76,14 +76,15 @@ def help_text() -> str:
 # Set in the serving child of the start-up split (ucspi/tls/detach.py); None: one process.
 _child: Child | None = None
 # TERM drains the child with no deadline unless --drain gives one: sessions go on to their end.
+# ALRM drains as tcpserver's: --drain's deadline, else 30 s.
 _NO_DEADLINE = 10 * 365 * 86400.0
 
 
 def _configure(parsed: list[tuple[str, str | None]], options: ServerOptions) -> TLSOptions:
     from ucspi.tls.options import apply_tls_options
 
-    if _child is not None and options.drain is None:
-        options.drain = _NO_DEADLINE
+    if _child is not None:
+        options.term_drain = _NO_DEADLINE
     return apply_tls_options(parsed, options)
 
 

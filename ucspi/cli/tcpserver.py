@@ -349,7 +349,7 @@ def serve(
     extra: object = None,
 ) -> None:
     global _signal_log, _term_drains
-    _signal_log, _term_drains = log, options.drain is not None
+    _signal_log, _term_drains = log, options.drain is not None or options.term_drain is not None
     _take_signals_in_one_thread()
     from ucspi.server.listen import drop_privileges, resolve_port
 

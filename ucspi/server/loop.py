@@ -174,7 +174,15 @@ class Server:
             self._harden()
         else:
             self.log.emit(SignalTaken(name, b"drain"))
-            self.drain(self.options.drain if self.options.drain is not None else DEFAULT_DRAIN_SECONDS)
+            self.drain(self._drain_seconds(number))
+
+    def _drain_seconds(self, number: int) -> float:
+        """--drain's deadline if given; else TERM's own (sslserver's child), else ALRM's 30 s."""
+        if self.options.drain is not None:
+            return self.options.drain
+        if number == signal.SIGTERM and self.options.term_drain is not None:
+            return self.options.term_drain
+        return DEFAULT_DRAIN_SECONDS
 
     def drain(self, deadline_seconds: float) -> None:
         """No new client from now on; those accepted finish their path; the programs get deadline_seconds."""

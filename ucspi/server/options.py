@@ -313,6 +313,8 @@ class ServerOptions:
     inherit: str | None = None  # stdin: the listener is fd 0 (s6); None: bind, or systemd's sockets
     # Operations (issue 13): None = TERM exits at once as 0.88's (ALRM drains for 30 s).
     drain: float | None = None
+    # TERM's drain deadline when --drain is not given (sslserver's serving child: none); None: TERM as above.
+    term_drain: float | None = None
     log_format: str = "classic"
     status_socket: bytes | None = None
     operands: list[str] = field(default_factory=list)
