@@ -385,7 +385,13 @@ class Relay:
             self._end(None)
             return
         want = set()
-        if not self.peer_ended and len(self.to_program) < BUFFER and self.session.incoming.pending < BUFFER:
+        # Not while our answers wait either: a KeyUpdate(update_requested) makes one, unread or not.
+        if (
+            not self.peer_ended
+            and len(self.to_program) < BUFFER
+            and self.session.incoming.pending < BUFFER
+            and len(self.to_network) < BUFFER
+        ):
             want.add((self.fd, False))
         if self.to_network:
             want.add((self.fd, True))
