@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tls.certs import Certificates
-from tls.tlsclient import SSLSERVER, TlsClient, serverproc, start_sslserver
+from tls.tlsclient import SSLSERVER, TlsClient, fake_smtpd, serverproc, start_sslserver
 
 
 def test_the_end_event_has_dur_ms_in_the_structured_modes(tls_certs: Certificates) -> None:
@@ -121,3 +121,44 @@ def test_term_still_lets_the_sessions_run_to_their_end(tls_certs: Certificates) 
     finally:
         if server.process.poll() is None:
             server.stop()
+
+
+def test_n_the_wait_for_the_control_byte_is_bounded_by_w(tls_certs: Certificates) -> None:
+    """tls.md §6.5 step 2: a program that never says y, Y or EOF is not waited for past -w."""
+    server = start_sslserver(["-v", "-n", "-w", "1"], ["sleep", "30"], tls_certs.environment())
+    try:
+        with serverproc.connect(server.port) as sock:
+            started = time.monotonic()
+            assert serverproc.read_to_eof(sock, 8) == b""  # the program got TERM: nothing holds the socket
+            assert time.monotonic() - started < 6
+        server.wait_for_log(r"^sslserver: warning: dropping connection, unable to speak SSL: timeout$")
+        server.wait_for_log(r"^sslserver: end \d+ status 15$")
+        server.wait_for_log(r"^sslserver: status: 0/40$", count=2)  # the slot is given back
+    finally:
+        server.stop()
+
+
+def test_n_a_program_that_asks_in_time_is_not_cut(tls_certs: Certificates, tmp_path: Path) -> None:
+    """-w bounds the wait for the byte only: a session that starts TLS within it goes on past it."""
+    server = start_sslserver(["-n", "-w", "2"], fake_smtpd(tmp_path / "smtpd.log"), tls_certs.environment())
+    try:
+        with serverproc.connect(server.port, timeout=10) as sock:
+            started = time.monotonic()
+            assert serverproc.read_line(sock).startswith(b"220 ")
+            time.sleep(1.0)
+            sock.sendall(b"STARTTLS\r\n")
+            assert serverproc.read_line(sock).startswith(b"220 ")
+            with TlsClient(server.port, sock=sock, timeout=10) as client:
+                client.handshake()
+                for _ in range(8):  # past the -w of the wait, with the relay kept busy
+                    client.send(b"NOOP\r\n")
+                    assert client.read_until(b"\n").startswith(b"250 ")
+                    if time.monotonic() - started > 3.5:
+                        break
+                    time.sleep(0.6)
+                assert time.monotonic() - started > 3.5
+                client.send(b"QUIT\r\n")
+                assert client.read_until(b"\n").startswith(b"221 ")
+        assert not any(b"timeout" in line for line in server.log())
+    finally:
+        server.stop()

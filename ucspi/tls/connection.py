@@ -10,6 +10,7 @@ The -c slot is held from accept until the relay is over and the program has been
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import signal
@@ -103,6 +104,7 @@ class TLSConnection(Connection):
     __slots__ = (
         "_changes",
         "_ctl",
+        "_ctl_timer",
         "_program_fds",
         "_program_over",
         "_relay",
@@ -117,6 +119,7 @@ class TLSConnection(Connection):
         self._program_fds: tuple[int, ...] = ()  # the program's ends: 0, 1, then the -n extras
         self._tls_fds: tuple[int, ...] = ()  # ours: to the program's 0, from its 1
         self._ctl: socket.socket | None = None  # -n: our end of the control socket
+        self._ctl_timer: asyncio.TimerHandle | None = None  # -n: -w's bound on the wait for its byte
         self._session: TLSSession | None = None
         self._relay: TLSRelay | None = None
         self._relay_over = False
@@ -280,6 +283,7 @@ class TLSConnection(Connection):
         ctl = self._ctl
         if ctl is None:
             return
+        self._cancel_control_timer()
         try:
             command = ctl.recv(1)
         except BlockingIOError:
@@ -329,6 +333,22 @@ class TLSConnection(Connection):
         except Exception as error:
             self.internal_error(error)
 
+    def _control_timed_out(self) -> None:
+        """-w passed without y, Y or EOF (tls.md §6.5 step 2): as a failed handshake, the slot given back."""
+        self._ctl_timer = None
+        if self._ctl is None or self._session is not None:
+            return
+        try:
+            self.server.log.emit(TLSFailed(b"speak", b"timeout", self.client_ip()))
+        finally:
+            self._after_failed_starttls()
+
+    def _cancel_control_timer(self) -> None:
+        timer = self._ctl_timer
+        if timer is not None:
+            self._ctl_timer = None
+            timer.cancel()
+
     def _after_failed_starttls(self) -> None:
         """The program must not hang: SIGTERM (as fehcom's), and EOF on every descriptor it has from us."""
         self._terminate_program()
@@ -364,6 +384,8 @@ class TLSConnection(Connection):
         if self.setup.options.starttls:
             assert self._ctl is not None
             server.loop.add_reader(self._ctl.fileno(), self._on_control)
+            if self.setup.options.idle_timeout > 0:
+                self._ctl_timer = server.loop.call_later(self.setup.options.idle_timeout, self._control_timed_out)
             return
         assert self._session is not None
         self._start_relay(self._session)
@@ -425,6 +447,7 @@ class TLSConnection(Connection):
                     (self.server.loop.remove_writer if writing else self.server.loop.remove_reader)(self.fd)
                 except Exception:
                     pass
+        self._cancel_control_timer()
         ctl = self._ctl
         if ctl is not None:
             self._ctl = None
