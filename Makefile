@@ -24,7 +24,8 @@ $(STAMP): setup.cfg pyproject.toml setup.py ucspi/server/_spawn.c bin/tcpserver.
 	touch $@
 
 # tcpserver's native launcher (bin/tcpserver.c), compiled into $(1)/tcpserver over the entry
-# point and, in a checkout, into bin/tcpserver. Where $(CC) fails (none installed, or CC=false
+# point ($(1)/sslserver made a link to it: softlimit -m lets sslserver start too) and, in a
+# checkout, into bin/tcpserver. Where $(CC) fails (none installed, or CC=false
 # to try the fallback: setuptools then leaves out the extension too), bin/tcpserver is the
 # Python launcher bin/tcpserver.py and $(1)/tcpserver the entry point. Renamed into place: a
 # server starting meanwhile finds the old file or the new one.
@@ -32,10 +33,14 @@ define launcher
 	@echo "$(CC) -O2 -Wall -o $(1)/tcpserver bin/tcpserver.c"; \
 	if $(CC) -O2 -Wall -o $(1)/.tcpserver.new bin/tcpserver.c; then \
 	    mv -f $(1)/.tcpserver.new $(1)/tcpserver; \
+	    ln -sfn tcpserver $(1)/.sslserver.new && mv -Tf $(1)/.sslserver.new $(1)/sslserver; \
 	    if [ "$(1)" = "$(VENV)/bin" ]; then cp $(1)/tcpserver bin/.tcpserver.new && mv -f bin/.tcpserver.new bin/tcpserver; fi; \
 	else \
 	    echo "make: no C compiler ($(CC)): tcpserver starts through Python, and softlimit -m needs room for it" >&2; \
 	    rm -f $(1)/.tcpserver.new; \
+	    if [ -L $(1)/sslserver ]; then rm -f $(1)/sslserver; \
+	        printf '#!%s\nimport sys\nfrom ucspi.cli.sslserver import main\nsys.exit(main())\n' $(1)/python > $(1)/sslserver; \
+	        chmod 755 $(1)/sslserver; fi; \
 	    if [ "$(1)" = "$(VENV)/bin" ]; then ln -sfn tcpserver.py bin/.tcpserver.new && mv -Tf bin/.tcpserver.new bin/tcpserver; fi; \
 	fi
 endef

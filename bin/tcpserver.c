@@ -1,7 +1,7 @@
 /* The native launcher: bin/tcpserver from a checkout, and the installed tcpserver (`make`
  * builds it; bin/tcpclient and bin/sslserver are links to it, and start their command).
  *
- * Before Python starts, tcpserver's soft memory, stack, descriptor and process limits go up to
+ * Before Python starts, tcpserver's (and sslserver's) soft memory, stack, descriptor and process limits go up to
  * the hard ones, so that Python and its threads have room under `softlimit -m N` for any N the
  * C tcpserver starts with; the limits as they were, and the signals ignored before Python ignores SIGPIPE and SIGXFSZ, follow
  * in an argv marker right after the interpreter's arguments (ucspi/server/spawn.py reads it, and
@@ -129,8 +129,9 @@ main(int argc, char **argv)
         command = "tcpserver";
     if (strcmp(command, "tcpclient") == 0 || strcmp(command, "sslserver") == 0)
         module = command;
-    /* First of all: under softlimit -d even this launcher's malloc may not fit. */
-    if (strcmp(module, "tcpserver") == 0)
+    /* First of all: under softlimit -d even this launcher's malloc may not fit. sslserver runs
+     * tcpserver's main, under the same run files' softlimit (s/qmail's smtps: -m 30000000). */
+    if (strcmp(module, "tcpclient") != 0)
         lift_limits(marker, sizeof marker);
     find_python(command, argv0, python, sizeof python);
     snprintf(code, sizeof code, "import sys;del sys.argv[0];from ucspi.cli import run;run('%s')", module);
@@ -144,7 +145,7 @@ main(int argc, char **argv)
     arguments[count++] = "-c";
     arguments[count++] = code;
     arguments[count++] = (char *)argv0;
-    if (strcmp(module, "tcpserver") == 0)
+    if (strcmp(module, "tcpclient") != 0)
         arguments[count++] = marker;
     for (i = 1; i < argc; i++)
         arguments[count++] = argv[i];

@@ -122,7 +122,8 @@ def command() -> Command:
 
 
 def main() -> None:
-    arguments = sys.argv[1:]
+    # The native launcher's marker (spawn.take_launcher_marker) is no argument of the user's.
+    arguments = [argument for argument in sys.argv[1:2] if not argument.startswith("--ucspi-launcher=")] + sys.argv[2:]
     if arguments == ["--help"]:
         _write_stdout(help_text().encode())
         return
