@@ -162,3 +162,47 @@ def test_n_a_program_that_asks_in_time_is_not_cut(tls_certs: Certificates, tmp_p
         assert not any(b"timeout" in line for line in server.log())
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(("options", "logged"), [(["-v"], True), ([], False)])
+def test_a_truncation_is_logged_at_v_and_changes_nothing_else(
+    tls_certs: Certificates, options: list[str], logged: bool
+) -> None:
+    """tls.md §6.6: the client's FIN without close_notify; the program still gets EOF, its reply still goes out."""
+    with start_sslserver(options, ["/bin/cat"], tls_certs.environment()) as server:
+        with TlsClient(server.port, timeout=10) as client:
+            client.handshake()
+            client.send(b"last words\n")
+            client.shutdown_write()
+            ending = client.read_all()
+        assert ending.data == b"last words\n" and ending.how == "close_notify"
+        if logged:
+            (line,) = server.wait_for_log(r"^sslserver: tls \d+ truncated$")
+            (served,) = server.wait_for_log(r"^sslserver: pid \d+ from ")
+            assert line.split()[2] == served.split()[2]  # the program's pid, as in its pid and end lines
+        else:
+            time.sleep(0.3)
+            assert not any(b"truncated" in line for line in server.log())
+        assert not any(b"unable to speak" in line for line in server.log())
+
+
+def test_a_clean_close_is_no_truncation(tls_certs: Certificates) -> None:
+    with start_sslserver(["-v"], ["/bin/cat"], tls_certs.environment()) as server:
+        with TlsClient(server.port, timeout=10) as client:
+            client.handshake()
+            client.send(b"bye\n")
+            client.close_notify()
+            client.shutdown_write()  # the FIN after the close_notify
+            assert client.read_all().data == b"bye\n"
+        server.wait_for_log(r"^sslserver: end \d+ status 0$")
+        assert not any(b"truncated" in line for line in server.log())
+
+
+def test_a_truncation_is_an_event_in_the_structured_modes(tls_certs: Certificates) -> None:
+    with start_sslserver(["-v", "--log=logfmt"], ["/bin/cat"], tls_certs.environment()) as server:
+        with TlsClient(server.port, timeout=10) as client:
+            client.handshake()
+            client.shutdown_write()
+            client.read_all()
+        (line,) = server.wait_for_log(r"ev=truncated ")
+    assert re.search(rb" pid=\d+ ip=127\.0\.0\.1$", line), line

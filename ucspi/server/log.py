@@ -222,6 +222,15 @@ class TLSFailed(Event):
     ev = "drop"  # reason=tls, as every other end without a program (logformats._tls_failed)
 
 
+@dataclass(frozen=True, slots=True)
+class TLSTruncated(Event):
+    """At -v, the client's FIN without its close_notify during the relay (a truncation): `tls PID truncated`."""
+
+    pid: int  # the program's, as in its `pid` and `end` lines
+    ip: bytes | None = None
+    ev = "truncated"
+
+
 # Operations (issue 13). 0.88 writes none of these: classic mode writes only the stat lines
 # (asked for by SIGUSR1), the structured modes all of them.
 
@@ -328,6 +337,8 @@ class ClassicFormat:
                 if protocol:
                     return prefix + b"tls %d accept %s:%s\n" % (pid, sanitize(protocol), sanitize(cipher))
                 return prefix + b"tls %d accept\n" % pid
+            case TLSTruncated(pid):
+                return prefix + b"tls %d truncated\n" % pid
             case TLSFailed(phase, reason):
                 return prefix + b"warning: dropping connection, unable to %s SSL: %s\n" % (phase, sanitize_text(reason))
             case Dropped(reason):

@@ -22,7 +22,7 @@ from typing import ClassVar
 from ucspi.errors import error_text
 from ucspi.server.connection import Connection, Drop
 from ucspi.server.limits import Refusal
-from ucspi.server.log import Dropped, ProgramEnded, Served, TLSAccepted, TLSFailed
+from ucspi.server.log import Dropped, ProgramEnded, Served, TLSAccepted, TLSFailed, TLSTruncated
 from ucspi.server.peer import Peer, Relay
 from ucspi.server.spawn import tcp_variables
 from ucspi.tls.context import TLSSetup, certificate_variables
@@ -107,6 +107,7 @@ class TLSConnection(Connection):
         "_ctl_timer",
         "_program_fds",
         "_program_over",
+        "_program_pid",
         "_relay",
         "_relay_over",
         "_rule_variables",
@@ -124,6 +125,7 @@ class TLSConnection(Connection):
         self._relay: TLSRelay | None = None
         self._relay_over = False
         self._program_over = False
+        self._program_pid = 0  # kept past the reap, for the relay's truncation line
         self._changes: list[tuple[bytes, bytes | None]] = []
         self._rule_variables: list[tuple[bytes, bytes]] = []
 
@@ -377,7 +379,7 @@ class TLSConnection(Connection):
         if failure is not None:
             super().spawned(pid, failure)  # logs and finishes
             return
-        self.pid = pid
+        self.pid = self._program_pid = pid
         assert self.peer is not None
         if server.log.verbose:
             server.log.emit(Served(pid, self.peer, self.rule))
@@ -402,6 +404,9 @@ class TLSConnection(Connection):
 
     def _relay_ended(self, reason: str | None) -> None:
         try:
+            relay = self._relay
+            if relay is not None and relay.truncated and self.server.log.verbose:
+                self.server.log.emit(TLSTruncated(self._program_pid, self.client_ip()))
             if reason is not None:
                 self.server.log.emit(TLSFailed(b"speak", os.fsencode(reason), self.client_ip()))
         finally:

@@ -191,6 +191,12 @@ class Relay:
         self.to_program = bytearray()
         self.to_network = bytearray()
         self.peer_ended = False  # its close_notify or FIN came
+        # Its FIN came (read() gave b""); fed to the incoming BIO only once the records before it are
+        # read: an empty read before that is its close_notify, one after it a truncation (OP_IGNORE_
+        # UNEXPECTED_EOF makes both look alike to SSLObject).
+        self._peer_fin = False
+        self._fin_fed = False
+        self.truncated = False  # the peer ended with a FIN and no close_notify
         self.program_ended = False  # EOF on its fd 1
         self.close_notify_sent = False
         self.over = False
@@ -225,7 +231,7 @@ class Relay:
         if data:
             self.session.incoming.write(data)
         else:
-            self.session.incoming.write_eof()
+            self._peer_fin = True
         self._pull_plaintext()
         self._after()
 
@@ -268,16 +274,20 @@ class Relay:
             try:
                 chunk = sslobj.read(_READ)
             except ssl.SSLWantReadError:
+                if self._peer_fin and not self._fin_fed:
+                    self._fin_fed = True  # every record before the FIN read, and no close_notify among them
+                    self.session.incoming.write_eof()
+                    continue
                 break
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 # close_notify, or a FIN without one (a truncation ssl_io takes as an end too).
-                self.peer_ended = True
+                self._peer_over()
                 break
             except ssl.SSLError as error:
                 self._fail(ssl_reason(error))
                 return
             if not chunk:
-                self.peer_ended = True
+                self._peer_over()
                 break
             if self.to_program_fd is not None:
                 self.to_program += chunk
@@ -285,6 +295,10 @@ class Relay:
         self.to_network += self.session.outgoing.read()  # a key update, an alert
         self._flush_program()
         self._flush_network()
+
+    def _peer_over(self) -> None:
+        self.peer_ended = True
+        self.truncated = self._fin_fed
 
     def _flush_program(self) -> None:
         fd = self.to_program_fd
@@ -388,6 +402,7 @@ class Relay:
         # Not while our answers wait either: a KeyUpdate(update_requested) makes one, unread or not.
         if (
             not self.peer_ended
+            and not self._peer_fin  # its EOF stays readable: nothing more to read
             and len(self.to_program) < BUFFER
             and self.session.incoming.pending < BUFFER
             and len(self.to_network) < BUFFER
