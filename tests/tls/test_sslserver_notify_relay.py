@@ -18,14 +18,31 @@ from tls.certs import Certificates
 from tls.tlsclient import TlsClient, children_of, start_sslserver
 
 
+def _abstract_addresses(pid: int) -> list[bytes]:
+    """The abstract UNIX addresses pid's sockets are bound to (/proc/net/unix: what anyone can read)."""
+    inodes = set()
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(entry)
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[6] in inodes and fields[7].startswith("@"):
+            found.append(b"\0" + fields[7][1:].encode())
+    return found
+
+
 def test_a_stranger_s_stopping_does_not_end_the_supervised_process(tls_certs: Certificates) -> None:
     server = start_sslserver([], ["echo", "hello"], tls_certs.environment())
     try:
         supervised = server.process.pid
         assert len(children_of(supervised)) == 1
+        assert _abstract_addresses(supervised), "no relay socket found"
         stranger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            stranger.sendto(b"STOPPING=1", b"\0ucspi-sslserver-%d" % supervised)
+            for address in _abstract_addresses(supervised):
+                stranger.sendto(b"STOPPING=1", address)
         finally:
             stranger.close()
         time.sleep(0.5)

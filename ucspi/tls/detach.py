@@ -88,12 +88,14 @@ def open_standard_descriptors() -> None:
 def split() -> Child | None:
     """In the child: what it needs to know. The parent never returns. None: no split (serve as one process)."""
     parent_pid = os.getpid()
-    name = b"ucspi-sslserver-%d" % parent_pid
     relay = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
         # An abstract socket has no permissions: each datagram's sender is checked (_from_child).
         relay.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        relay.bind(b"\0" + name)
+        # A name the kernel picks (autobind): one of ours, by pid, could be taken first by anyone
+        # (or by another container's sslserver sharing the network namespace), and no split then.
+        relay.bind(b"")
+        name = relay.getsockname()[1:]
         lifeline_read, lifeline_write = os.pipe()
     except OSError:
         relay.close()
