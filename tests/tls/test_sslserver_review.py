@@ -206,3 +206,24 @@ def test_a_truncation_is_an_event_in_the_structured_modes(tls_certs: Certificate
             client.read_all()
         (line,) = server.wait_for_log(r"ev=truncated ")
     assert re.search(rb" pid=\d+ ip=127\.0\.0\.1$", line), line
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_a_close_notify_queued_behind_a_full_pipe_is_told_from_a_truncation(
+    tls_certs: Certificates, clean: bool
+) -> None:
+    """The FIN comes while records (and the close_notify, if any) still wait for the program's pipe.
+
+    160 KB: the pipe's 64 KiB, the relay's own 64 KiB, the rest in the incoming BIO; feeding the FIN
+    to the BIO at once made the clean case a truncation (3 runs of 3 failed that way)."""
+    program = ["sh", "-c", "sleep 1; wc -c"]
+    with start_sslserver(["-v"], program, tls_certs.environment()) as server:
+        with TlsClient(server.port, timeout=15) as client:
+            client.handshake()
+            client.send(b"x" * 160_000)  # the pipe, our buffer, and the rest in the BIO with the close_notify
+            if clean:
+                client.close_notify()
+            client.shutdown_write()
+            assert client.read_all().data.strip() == b"160000"
+        server.wait_for_log(r"^sslserver: end \d+ status 0$")
+        assert any(b"truncated" in line for line in server.log()) is not clean
