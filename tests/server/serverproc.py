@@ -51,6 +51,19 @@ class Implementation:
 
 
 OUR_SERVER = Implementation("ours", OURS_INSTALLED, OURS_INSTALLED)
+
+# UCSPI_NO_EXTENSION=1 in the tests' own environment (.ci/run's second pass, README Tests): every
+# tcpserver of ours that launch() starts gets it too, so it spawns through the ctypes fallback. The
+# tests give the server exact environments, and the server hides the variable from its programs,
+# so what a program sees is compared as usual.
+FALLBACK_FORCED = os.environ.get("UCSPI_NO_EXTENSION") == "1"
+_FORCE_FALLBACK = b"UCSPI_NO_EXTENSION=1"
+
+
+def _is_our_tcpserver(command: Path) -> bool:
+    """Ours from the checkout, installed, or wrapped (tests/server/test_spawn_paths.py): not a C one."""
+    path = Path(command)
+    return path.name == "tcpserver" and path != ORIGINAL and not path.is_relative_to("/opt/ucspi-tcp-ipv6")
 ORIGINAL_SERVER = Implementation("original", ORIGINAL, ORIGINAL)
 
 
@@ -226,6 +239,9 @@ def launch(
     """tcpserver with these arguments and exactly these environment entries (default: PATH only);
     wrapper: a command line that runs it (its arguments follow), as `env`, `unshare` or `nice`."""
     entries = plain_environment() if environment is None else list(environment)
+    if FALLBACK_FORCED and _is_our_tcpserver(command) and _FORCE_FALLBACK not in entries:
+        # Not twice: a duplicate entry takes the raw exec, whose Python leaves XFSZ ignored.
+        entries.append(_FORCE_FALLBACK)
 
     def ignore() -> None:
         for number in ignore_signals:

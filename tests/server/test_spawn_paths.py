@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 from conftest import IN_CI
 from serverproc import (
+    FALLBACK_FORCED,
     ORIGINAL,
     OUR_SERVER,
     TOP,
     Implementation,
     environment_entries,
+    launch,
     original_available,
     plain_environment,
     rules_cdb,
@@ -45,7 +47,10 @@ PATHS = [
     pytest.param(
         [],
         id="extension",
-        marks=pytest.mark.skipif(not EXTENSION_BUILT and not IN_CI, reason="the extension was not built (no compiler)"),
+        marks=[
+            pytest.mark.skipif(not EXTENSION_BUILT and not IN_CI, reason="the extension was not built (no compiler)"),
+            pytest.mark.skipif(FALLBACK_FORCED, reason="UCSPI_NO_EXTENSION=1: every server is on the fallback"),
+        ],
     ),
     pytest.param([FORCE_CTYPES], id="ctypes"),
 ]
@@ -364,6 +369,14 @@ def test_version_names_the_path() -> None:
             [OUR_SERVER.command, "--version"], env=env, capture_output=True, timeout=20, check=False
         )
         assert result.stdout.endswith(b", spawn: " + expected + b"\n")
+
+
+@pytest.mark.skipif(not FALLBACK_FORCED, reason="for a run with UCSPI_NO_EXTENSION=1 (.ci/run's second pass)")
+def test_a_forced_run_starts_every_server_on_the_fallback() -> None:
+    """What the second pass proves is the fallback's: the servers the tests start say ctypes."""
+    process = launch(OUR_SERVER.command, ["--version"])
+    stdout, _ = process.communicate(timeout=20)
+    assert stdout.endswith(b", spawn: posix_spawn (ctypes)\n")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="-u/-g change ids, which needs root")
