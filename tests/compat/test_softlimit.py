@@ -21,6 +21,7 @@ from serverproc import (
     ORIGINAL,
     OUR_SERVER,
     TOP,
+    launch,
     original_available,
     plain_environment,
     start_server,
@@ -136,3 +137,20 @@ def test_core_file_and_cpu_limits_stay_on_the_server() -> None:
     assert (own[0][0], own[1][0], cpu[0]) == (0, 100000, 3600)
     assert address_space[0] == address_space[1]  # lifted
 
+
+def test_the_fallback_under_a_small_limit_says_so_and_exits_111() -> None:
+    """On the ctypes path softlimit's limits are put back on the server itself (spawn.py: nothing
+    could give them to the program), so under `-m 3000000` Python has no room for its threads:
+    one fatal line in the original's style, exit 111, no traceback."""
+    process = launch(
+        OUR_SERVER.command,
+        ["-HRl0", "127.0.0.1", "0", "/bin/true"],
+        environment=[*plain_environment(), FORCE_FALLBACK],
+        wrapper=["softlimit", "-m", "3000000"],
+    )
+    stdout, stderr = process.communicate(timeout=20)
+    assert (process.returncode, stdout, stderr) == (
+        111,
+        b"",
+        b"tcpserver: fatal: unable to start thread: resource limit reached\n",
+    )

@@ -290,11 +290,31 @@ def main(long_options: Sequence[Option] = LONG_OPTIONS, command: Command = TCPSE
 
     log = make_log(options.verbosity, options.log_format, command.name.encode())
     try:
-        serve(options, operands, log, initial_environment, command, extra)
+        try:
+            serve(options, operands, log, initial_environment, command, extra)
+        except MemoryError:
+            raise _no_room(command.name, b"out of memory") from None
+        except ImportError as error:
+            if "failed to map segment" not in str(error):  # the dynamic loader's words for ENOMEM
+                raise
+            raise _no_room(command.name, b"out of memory") from None
+        except RuntimeError as error:
+            if str(error) != "can't start new thread":  # threading's words: it keeps no errno
+                raise
+            raise _no_room(command.name, b"unable to start thread: resource limit reached") from None
     except Fatal as fatal:
         if options.verbosity:
             log.fatal_message(fatal.message)  # classic: the line as it is; logfmt, json: an event
         os._exit(fatal.exit_code)
+
+
+def _no_room(name: str, text: bytes) -> Fatal:
+    """A start that ran out of room, in the original's style (its nomem(): `fatal: out of memory`), 111.
+
+    Where the limits were put back on the server (the ctypes path, or no native launcher:
+    spawn.py), a small `softlimit -m` leaves Python no room for a thread's stack.
+    """
+    return Fatal(name.encode() + b": fatal: " + text, EXIT_TEMPORARY)
 
 
 def _proxy_option_without_proxy_from(options: ServerOptions) -> str | None:
