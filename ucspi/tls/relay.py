@@ -82,11 +82,13 @@ class TLSSession:
         try:
             while True:
                 try:
-                    if not offloaded and self.incoming.pending:
-                        # The ClientHello is in: its answer (key share, signature) off the loop's thread.
-                        # Nothing else touches this session meanwhile: its coroutine is waiting here.
+                    # The ClientHello is in: its answer (key share, signature) off the loop's thread.
+                    # So is every step of a handshake that checks a client's certificate: OpenSSL
+                    # opens CADIR's files for it (a FIFO or a hung mount there held the loop).
+                    # Nothing else touches this session meanwhile: its coroutine is waiting here.
+                    if self.incoming.pending and (not offloaded or sslobj.context.verify_mode != ssl.CERT_NONE):
                         offloaded = True
-                        await self.loop.run_in_executor(_handshake_pool(), sslobj.do_handshake)
+                        await self._off_the_loop(sslobj.do_handshake, deadline)
                     else:
                         sslobj.do_handshake()
                     break
@@ -104,6 +106,16 @@ class TLSSession:
             raise HandshakeFailed("connection reset") from None
         except OSError as error:
             raise HandshakeFailed(ssl_reason(error)) from None
+
+    async def _off_the_loop(self, step: Callable[[], object], deadline: float | None) -> None:
+        future = self.loop.run_in_executor(_handshake_pool(), step)
+        if deadline is None:
+            await future
+            return
+        try:  # a step stuck in its thread is left there; the connection ends at the deadline all the same
+            await asyncio.wait_for(future, max(0.0, deadline - self.loop.time()))
+        except TimeoutError:
+            raise _Expired() from None
 
     def _send_alert(self) -> None:
         """What OpenSSL queued (an alert), once, without waiting: the connection is over anyway."""
