@@ -1,12 +1,15 @@
-"""The programs: started by posix_spawn (inline or from worker threads), known by pid, reaped.
+"""The programs: started by spawn.py's Spawner (the C extension's clone-vfork, or glibc's
+posix_spawn through ctypes where it is not built or is switched off), inline or from worker
+threads; known by pid, reaped.
 
-The reaper reaps only what a spawn registered. glibc's posix_spawn reaps its own child when
-the exec fails; a waitpid(-1) running meanwhile could take that child first, and the pid would
-later name someone else's program. So the reaper looks at each ended child first (waitid with
-WNOWAIT) and reaps it only when its pid was registered, under the same lock, by the spawn that
-made it. A child nobody registered while a spawn is in flight stops the round: it belongs to a
-spawn still in flight (its pid not registered yet, or glibc's failed child), and that spawn,
-once over, runs the round again. Nothing ever waits: not the loop, not the spawns.
+The reaper reaps only what a spawn registered. Either path reaps its own child when the exec
+fails (the extension before its call returns, glibc inside posix_spawn); a waitpid(-1) running
+meanwhile could take that child first, and the pid would later name someone else's program. So
+the reaper looks at each ended child first (waitid with WNOWAIT) and reaps it only when its pid
+was registered, under the same lock, by the spawn that made it. A child nobody registered while
+a spawn is in flight stops the round: it belongs to a spawn still in flight (its pid not
+registered yet, or a failed child its spawn reaps), and that spawn, once over, runs the round
+again. Nothing ever waits: not the loop, not the spawns.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class Children:
         self._on_change = on_change  # a spawn thread became free: accepting may resume
         self._running: dict[int, Connection] = {}
         self._table = threading.Lock()  # the pid table and the count of spawns in flight
-        self._spawning = 0  # posix_spawn calls in flight, inline or in threads
+        self._spawning = 0  # Spawner.spawn calls in flight, inline or in threads
         self._reap_wanted = False
         self._reap_scheduled = False
         self.waiting = 0  # connections handed to the threads and not answered yet
@@ -94,7 +97,7 @@ class Children:
                 finally:
                     self._spawning -= 1
                 # A reap stopped at a child nobody had registered: this spawn may have been the
-                # one it waited for (its pid is registered now, or glibc has reaped its child).
+                # one it waited for (its pid is registered now, or its failed child is reaped).
                 take_over_reap = self._reap_wanted
         if take_over_reap:
             self._schedule_reap()
@@ -165,7 +168,7 @@ class Children:
             while True:
                 try:
                     if not self._spawning:
-                        # No spawn in flight, so no child of glibc's to take: one call per child.
+                        # No spawn in flight, so no failed child of a spawn's to take: one call per child.
                         pid, wait_status = os.waitpid(-1, os.WNOHANG)
                         if not pid:
                             break
