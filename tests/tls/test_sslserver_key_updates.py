@@ -10,6 +10,8 @@ has room, and the client's sends stall instead.
 from __future__ import annotations
 
 import shutil
+import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -95,4 +97,31 @@ def test_key_updates_unread_do_not_grow_the_server(tls_certs: Certificates, key_
         if client is not None:
             client.kill()
             client.wait(5)
+        server.stop()
+
+
+def test_a_client_that_reads_only_after_its_upload_gets_everything(tls_certs: Certificates) -> None:
+    """The bound above is on OpenSSL's own answers: the program's output, stalled at the client,
+    never stops the upload (a full-duplex program, a client that reads when it has sent all)."""
+    program = ["sh", "-c", "head -c 3000000 /dev/zero & cat >/dev/null; wait"]
+    server = start_sslserver([], program, tls_certs.environment())
+    try:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the answer waits on our side
+        raw.settimeout(10)
+        raw.connect(("127.0.0.1", server.port))
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        with context.wrap_socket(raw) as client:
+            time.sleep(0.5)  # the program's output fills every buffer up to the relay's
+            client.sendall(bytes(4_000_000))  # stalls for ever if the upload is not read
+            received = 0
+            while received < 3_000_000:
+                data = client.recv(65536)
+                if not data:
+                    break
+                received += len(data)
+            assert received == 3_000_000
+    finally:
         server.stop()

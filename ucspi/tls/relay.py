@@ -411,13 +411,15 @@ class Relay:
             self._end(None)
             return
         want = set()
-        # Not while our answers wait either: a KeyUpdate(update_requested) makes one, unread or not.
+        # Nor while OpenSSL's own answers pile up: each KeyUpdate(update_requested) makes one,
+        # read or not. The program's output alone stops at BUFFER (below) and never reaches this
+        # bound, so a client that reads only once its upload is done still gets all of it.
         if (
             not self.peer_ended
             and not self._peer_fin  # its EOF stays readable: nothing more to read
             and len(self.to_program) < BUFFER
             and self.session.incoming.pending < BUFFER
-            and len(self.to_network) < BUFFER
+            and len(self.to_network) < 2 * BUFFER
         ):
             want.add((self.fd, False))
         if self.to_network:
