@@ -18,6 +18,7 @@ import errno
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -138,6 +139,8 @@ class Server:
         asyncio.set_event_loop(loop)
         loop.set_exception_handler(self._on_loop_exception)
         threading.excepthook = lambda hook: self.internal_error(hook.exc_value)  # no traceback in the log
+        # Nor for what Python can only ignore (a client's non-ASCII SNI name, undecodable for its callback).
+        sys.unraisablehook = lambda unraisable: self.internal_error(unraisable.exc_value)
         self.children = Children(loop, self.spawner, self.die, self._resume, self.internal_error)
         # Reaping: uvloop refuses add_signal_handler(SIGCHLD), but a plain handler works; it
         # only schedules a waitpid(WNOHANG) round on the loop, so no descriptor per child.
