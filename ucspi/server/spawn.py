@@ -208,7 +208,8 @@ class Environment:
     def __init__(self, initial: list[bytes]) -> None:
         # Filtered once here, not per client: a program never sees the supervisor's hand-over.
         self.initial = without_supervisor_variables(initial)
-        self._plans: dict[tuple[tuple[bytes, bool], ...], list[bytes | int]] = {}
+        # shape -> (the entries with the changes' places empty, (place, change index, NAME=) each)
+        self._made: dict[tuple[tuple[bytes, bool], ...], tuple[list[bytes], tuple[tuple[int, int, bytes], ...]]] = {}
 
     def _plan(self, shape: tuple[tuple[bytes, bool], ...]) -> list[bytes | int] | None:
         """The entries in order: initial ones as bytes, the changes' own by their index in shape.
@@ -244,19 +245,26 @@ class Environment:
         return entries
 
     def build(self, changes: Sequence[tuple[bytes, bytes | None]]) -> list[bytes]:
-        shape = tuple((name, value is None) for name, value in changes)
-        plan = self._plans.get(shape)
-        if plan is None:
+        shape = tuple([(name, value is None) for name, value in changes])
+        made = self._made.get(shape)
+        if made is None:
             plan = self._plan(shape)
             if plan is None:
                 return pathexec_changes(self.initial, changes)
-            if len(self._plans) >= self._PLAN_LIMIT:
-                self._plans.clear()
-            self._plans[shape] = plan
-        return [
-            slot if isinstance(slot, bytes) else changes[slot][0] + b"=" + changes[slot][1]  # type: ignore[operator]
-            for slot in plan
-        ]
+            if len(self._made) >= self._PLAN_LIMIT:
+                self._made.clear()
+            # The entries as a template, and where each change's value goes: per client, a copy
+            # and a few concatenations, whatever the size of the initial environment.
+            template = [slot if isinstance(slot, bytes) else b"" for slot in plan]
+            fills = tuple(
+                (position, slot, shape[slot][0] + b"=") for position, slot in enumerate(plan) if isinstance(slot, int)
+            )
+            made = self._made[shape] = (template, fills)
+        template, fills = made
+        entries = template.copy()
+        for position, index, prefix in fills:
+            entries[position] = prefix + changes[index][1]  # type: ignore[operator]
+        return entries
 
 
 def _signals_to_default() -> set[int]:
