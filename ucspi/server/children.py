@@ -15,6 +15,7 @@ again. Nothing ever waits: not the loop, not the spawns.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import queue
 import signal
@@ -61,6 +62,9 @@ class Children:
         self.waiting = 0  # connections handed to the threads and not answered yet
         self.alone = False  # set by the loop: the last wakeup found one client only
         self._jobs: queue.SimpleQueue[tuple[Connection, Sequence[bytes]]] = queue.SimpleQueue()
+        # The threads' answers, taken on the loop in batches: one wake-up for all that are ready.
+        self._answers: collections.deque[tuple[Connection, int, BaseException | None]] = collections.deque()
+        self._answers_scheduled = False
         for _ in range(threads):
             self._start_worker()
 
@@ -125,13 +129,28 @@ class Children:
                 pid, failure = self._spawn(connection, environment)
             except BaseException as error:  # the connection must hear back, whatever happened
                 pid, failure = connection.pid, error
-            self._loop.call_soon_threadsafe(self._answer, connection, pid, failure)
+            self._answers.append((connection, pid, failure))
+            # Set before the loop clears it, the flag means a round that has not begun: it will
+            # see this answer (append and test each hold the GIL, so that order is kept).
+            if not self._answers_scheduled:
+                self._answers_scheduled = True
+                self._loop.call_soon_threadsafe(self._take_answers)
 
-    def _answer(self, connection: Connection, pid: int, failure: BaseException | None) -> None:
-        self.waiting -= 1
+    def _take_answers(self) -> None:
+        self._answers_scheduled = False  # an answer appended from now on schedules another round
+        answers = self._answers
         try:
-            connection.spawn_answered(pid, failure)
+            while answers:
+                connection, pid, failure = answers.popleft()
+                self.waiting -= 1
+                try:
+                    connection.spawn_answered(pid, failure)
+                except Exception as error:  # spawn_answered accounts for its slot: the others still hear
+                    self._on_error(error)
         finally:
+            if answers and not self._answers_scheduled:  # left by a BaseException: heard next round
+                self._answers_scheduled = True
+                self._loop.call_soon(self._take_answers)
             self._on_change()
 
     def signal_all(self, number: int) -> None:
@@ -147,7 +166,10 @@ class Children:
     # -- reaping ----------------------------------------------------------------------------
 
     def on_sigchld(self, _signal: int, _frame: object) -> None:
-        self._schedule_reap()
+        # Python runs handlers on the main thread, the loop's: no wake-up write is needed.
+        if not self._reap_scheduled:
+            self._reap_scheduled = True
+            self._loop.call_soon(self.reap)
 
     def _schedule_reap(self) -> None:
         if not self._reap_scheduled:
