@@ -8,6 +8,7 @@ to systemd as the main pid's word.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -35,9 +36,10 @@ def _abstract_addresses(pid: int) -> list[bytes]:
 
 def test_a_stranger_s_stopping_does_not_end_the_supervised_process(tls_certs: Certificates) -> None:
     server = start_sslserver([], ["echo", "hello"], tls_certs.environment())
+    serving = 0
     try:
         supervised = server.process.pid
-        assert len(children_of(supervised)) == 1
+        (serving,) = children_of(supervised)
         assert _abstract_addresses(supervised), "no relay socket found"
         stranger = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
@@ -52,6 +54,9 @@ def test_a_stranger_s_stopping_does_not_end_the_supervised_process(tls_certs: Ce
             assert client.read_all().data == b"hello\n"
     finally:
         server.stop()
+        if serving and server.process.poll() is not None:
+            with contextlib.suppress(OSError):  # orphaned by the bug: still ours to end
+                os.kill(serving, signal.SIGKILL)
 
 
 def test_the_child_s_readiness_and_stopping_still_reach_systemd(tls_certs: Certificates, tmp_path: Path) -> None:
