@@ -8,7 +8,9 @@ is cut at its -T deadline.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -16,7 +18,7 @@ import time
 from pathlib import Path
 
 from tls.certs import Certificates
-from tls.tlsclient import start_sslserver
+from tls.tlsclient import children_of, start_sslserver
 
 
 def _context(certificate: Path, key: Path) -> ssl.SSLContext:
@@ -41,6 +43,7 @@ def test_a_fifo_in_cadir_holds_neither_the_loop_nor_the_slot(tls_certs: Certific
     os.mkfifo(fifo)
     environment = {**tls_certs.environment(), b"CADIR": os.fsencode(cadir), b"CAFILE": os.fsencode(tls_certs.ca)}
     server = start_sslserver(["-m", "-T", "2", "-v"], ["echo", "hi"], environment)
+    (serving,) = children_of(server.process.pid)
     hostile = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     try:
         # The hostile client's certificate names the issuer whose file is the FIFO.
@@ -69,7 +72,11 @@ def test_a_fifo_in_cadir_holds_neither_the_loop_nor_the_slot(tls_certs: Certific
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         except OSError:
             pass
-        server.stop()
+        try:
+            server.stop()
+        finally:
+            with contextlib.suppress(OSError):  # a serving child whose loop hung would outlive the test
+                os.kill(serving, signal.SIGKILL)
 
 
 def _drive_handshake(
