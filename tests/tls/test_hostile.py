@@ -1,4 +1,4 @@
-"""sslserver under hostile input and at every edge of a session's life (issue 14; README, sslserver: Closing, and its hostile cases).
+"""sslserver under hostile input and at every edge of a session's life (issue 14; README, sslserver).
 
 Each case has a hard bound: the server runs with a short -T (handshake deadline) and -w (idle),
 every client call has a timeout, and each test ends by checking the server for zombies and for

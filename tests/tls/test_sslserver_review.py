@@ -124,7 +124,7 @@ def test_term_still_lets_the_sessions_run_to_their_end(tls_certs: Certificates) 
 
 
 def test_n_the_wait_for_the_control_byte_is_bounded_by_w(tls_certs: Certificates) -> None:
-    """tls.md §6.5 step 2: a program that never says y, Y or EOF is not waited for past -w."""
+    """UCSPI-TLS (README, sslserver, STARTTLS): a program that never says y, Y or EOF is not waited for past -w."""
     server = start_sslserver(["-v", "-n", "-w", "1"], ["sleep", "30"], tls_certs.environment())
     try:
         with serverproc.connect(server.port) as sock:
@@ -168,7 +168,7 @@ def test_n_a_program_that_asks_in_time_is_not_cut(tls_certs: Certificates, tmp_p
 def test_a_truncation_is_logged_at_v_and_changes_nothing_else(
     tls_certs: Certificates, options: list[str], logged: bool
 ) -> None:
-    """tls.md §6.6: the client's FIN without close_notify; the program still gets EOF, its reply still goes out."""
+    """Closing (README, sslserver): a FIN without close_notify; the program still gets EOF, its reply goes out."""
     with start_sslserver(options, ["/bin/cat"], tls_certs.environment()) as server:
         with TlsClient(server.port, timeout=10) as client:
             client.handshake()
@@ -180,6 +180,8 @@ def test_a_truncation_is_logged_at_v_and_changes_nothing_else(
             (line,) = server.wait_for_log(r"^sslserver: tls \d+ truncated$")
             (served,) = server.wait_for_log(r"^sslserver: pid \d+ from ")
             assert line.split()[2] == served.split()[2]  # the program's pid, as in its pid and end lines
+            (ended,) = server.wait_for_log(r"^sslserver: end \d+ status 0$")
+            assert server.log().index(line) < server.log().index(ended)  # told before the program's EOF
         else:
             time.sleep(0.3)
             assert not any(b"truncated" in line for line in server.log())
