@@ -398,15 +398,18 @@ class TLSConnection(Connection):
         banner = self.server.options.banner if not self.setup.options.starttls else b""
         relay = TLSRelay(session, to_program, from_program, self.setup.options.idle_timeout, self._relay_ended, banner)
         self._relay = relay
+        if self.server.log.verbose:
+            relay.on_truncation = self._truncated
         if self._program_over:
             relay.program_gone()
         relay.start()
 
+    def _truncated(self) -> None:
+        """At -v, when the relay sees it: before the program's EOF, so before its end line."""
+        self.server.log.emit(TLSTruncated(self._program_pid, self.client_ip()))
+
     def _relay_ended(self, reason: str | None) -> None:
         try:
-            relay = self._relay
-            if relay is not None and relay.truncated and self.server.log.verbose:
-                self.server.log.emit(TLSTruncated(self._program_pid, self.client_ip()))
             if reason is not None:
                 self.server.log.emit(TLSFailed(b"speak", os.fsencode(reason), self.client_ip()))
         finally:
