@@ -336,7 +336,7 @@ class TLSConnection(Connection):
             self.internal_error(error)
 
     def _control_timed_out(self) -> None:
-        """-w passed without y, Y or EOF (tls.md §6.5 step 2): as a failed handshake, the slot given back."""
+        """-w passed without y, Y or EOF (README, sslserver, STARTTLS): as a failed handshake, the slot given back."""
         self._ctl_timer = None
         if self._ctl is None or self._session is not None:
             return
