@@ -158,6 +158,8 @@ PyDoc_STRVAR(spawn_doc,
 "(paths, in PATH order) that execve takes, stdin_fd on 0, stdout_fd on 1, pass_fds open.\n"
 "OSError with the exec's errno when none does (the failed child is reaped already).");
 
+static PyObject *fork_error; /* ForkError: the clone itself failed (EAGAIN, ENOMEM) */
+
 static PyObject *
 spawn(PyObject *module, PyObject *args)
 {
@@ -232,8 +234,9 @@ spawn(PyObject *module, PyObject *args)
     Py_END_ALLOW_THREADS
 
     if (pid == -1) {
+        /* No child at all: the original's `unable to fork`, not an exec's failure. */
         errno = clone_errno;
-        PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(fork_error);
     }
     else if (job.exec_errno != 0) {
         errno = job.exec_errno;
@@ -357,5 +360,13 @@ PyInit__spawn(void)
     signals_to_default = SIGNAL_BIT(SIGPIPE) | SIGNAL_BIT(SIGXFSZ) | SIGNAL_BIT(SIGCHLD) | SIGNAL_BIT(SIGTERM);
     program_mask = 0;
     limit_count = 0;
-    return PyModule_Create(&module_definition);
+    PyObject *module = PyModule_Create(&module_definition);
+    if (module == NULL)
+        return NULL;
+    fork_error = PyErr_NewException("ucspi.server._spawn.ForkError", PyExc_OSError, NULL);
+    if (fork_error == NULL || PyModule_AddObjectRef(module, "ForkError", fork_error) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

@@ -40,7 +40,7 @@ from ucspi.server.log import (
 )
 from ucspi.server.peer import DIRECT, Peer, Relay
 from ucspi.server.proxy import ProxyError, ProxyTimeout, read_header
-from ucspi.server.spawn import tcp_variables
+from ucspi.server.spawn import ForkFailed, tcp_variables
 
 if TYPE_CHECKING:
     from ucspi.server.loop import Server, Slot
@@ -322,6 +322,13 @@ class Connection:
         if failure is not None:
             if not isinstance(failure, OSError):
                 raise failure
+            assert self.peer is not None
+            if isinstance(failure, ForkFailed):
+                # No child to log `pid` or `ok`: the original's parent says only this.
+                text = b"unable to fork: " + error_text(failure).encode()
+                server.log.emit(Dropped(text, b"fork", self.peer.remote_ip))
+                self.finish()
+                return
             # The original's child logged `ok` before its exec failed; no child here, so the
             # server's own pid stands in the line (differences item 1).
             assert self.peer is not None

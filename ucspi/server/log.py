@@ -169,7 +169,7 @@ class Dropped(Event):
     """A client closed without a program: `dropping connection, REASON`.
 
     The structured modes show `reason` as `text`, and `code` as `reason`: `proxy`, `banner`,
-    `sockname`, `cdb`, `exec`.
+    `sockname`, `cdb`, `exec`, `fork`.
     """
 
     reason: bytes

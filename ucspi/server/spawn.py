@@ -31,6 +31,15 @@ try:
 except ImportError:  # built without a compiler: the ctypes path
     _extension = None  # type: ignore[assignment]
 
+
+class _ForkFailed(OSError):
+    """No child at all (clone's EAGAIN, ENOMEM): the original's `unable to fork`."""
+
+
+# The extension raises its own ForkError; the ctypes path cannot tell a failed fork from a
+# failed exec (posix_spawn returns either errno), so it reports both as the exec's.
+ForkFailed: type[OSError] = _extension.ForkError if _extension is not None else _ForkFailed
+
 # Read once, at start; like the supervisor's variables it never reaches a program.
 _FORCE_CTYPES = os.environb.get(b"UCSPI_NO_EXTENSION") == b"1"
 USE_EXTENSION = _extension is not None and not _FORCE_CTYPES
