@@ -29,7 +29,7 @@ extern char **environ;
 static void
 fatal(const char *command, const char *message, const char *detail)
 {
-    char line[PATH_MAX + 256];
+    static char line[PATH_MAX + 256];
     int length = snprintf(line, sizeof line, "%s: fatal: %s%s\n", command, message, detail);
     if (length > 0)
         (void)!write(2, line, (size_t)length < sizeof line ? (size_t)length : sizeof line - 1);
@@ -47,8 +47,8 @@ exists(const char *path)
 static void
 find_python(const char *command, const char *argv0, char *python, size_t size)
 {
-    char self[PATH_MAX];
-    char checkout[PATH_MAX + 32];
+    static char self[PATH_MAX];
+    static char checkout[PATH_MAX + 32];
     ssize_t length = readlink("/proc/self/exe", self, sizeof self - 1);
     char *slash;
 
@@ -119,9 +119,11 @@ main(int argc, char **argv)
     const char *argv0 = argc > 0 && argv[0] ? argv[0] : "tcpserver";
     const char *command = strrchr(argv0, '/') ? strrchr(argv0, '/') + 1 : argv0;
     const char *module = "tcpserver";
-    char python[PATH_MAX + 32];
-    char code[128];
-    char marker[1024];
+    /* Static, not on the stack: under `softlimit -s 20000` the C tcpserver starts, and the stack
+     * is lifted only once lift_limits has run. */
+    static char python[PATH_MAX + 32];
+    static char code[128];
+    static char marker[1024];
     char **arguments;
     int count = 0, i;
 
