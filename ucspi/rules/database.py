@@ -12,6 +12,11 @@ One process serves every client, so nothing here may block on what the file's ow
   with SIGBUS. A file up to PRIVATE_COPY_LIMIT is copied into a private memory file, which is
   mapped (a lookup then makes no system call); a bigger one is read with pread at each lookup,
   so that a change costs the loop an open and a header read, whatever the file's size.
+- A bigger file whose header names a hash table of more than PREAD_TABLE_SLOTS slots is copied
+  too: a lookup may probe a whole table, and a damaged file whose tables are full would cost
+  a pread per slot (about 30 s per client for 60 MB, on the loop: cdbx holds the GIL), where the
+  mapped copy scans it in milliseconds, as the original's mmap does. A valid cdb of a million
+  rules has tables of about 8,000 slots.
 - Nothing past the size fstat gave is read, so /dev/zero or a growing file cannot fill memory.
 - A file that could not be opened or read is not tried again while its identity is unchanged, for
   FAILURE_MEMORY seconds: the same error is reported meanwhile.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 import time
 
 import cdbx
@@ -32,6 +38,7 @@ from ucspi.rules.lookup import Decision, find_rule, read_cidr_lengths
 # Copying 2 MiB into a memory file takes 0.6-0.9 ms (bench/stress_rulesfile.py measures it).
 PRIVATE_COPY_LIMIT = 2 << 20
 FAILURE_MEMORY = 1.0
+PREAD_TABLE_SLOTS = 1 << 16
 _COPY_CHUNK = 256 << 10
 # Errors that say nothing about the file (the server is short of descriptors or memory): the
 # next client tries again.
@@ -84,10 +91,22 @@ def _private_copy(fd: int, size: int) -> cdbx.CDB | None:
         raise
 
 
+def _longest_table(fd: int) -> int:
+    """The most slots any of the header's 256 hash tables names (0 for a file too short)."""
+    header = os.pread(fd, 2048, 0)
+    if len(header) < 2048:
+        return 0
+    return max(struct.unpack("<512I", header)[1::2])
+
+
 def _reader(fd: int, size: int) -> cdbx.CDB:
     """A cdb reader over the opened file; it owns fd from here on."""
     try:
-        copy = _private_copy(fd, size) if size <= PRIVATE_COPY_LIMIT else None
+        copy = (
+            _private_copy(fd, size)
+            if size <= PRIVATE_COPY_LIMIT or _longest_table(fd) > PREAD_TABLE_SLOTS
+            else None
+        )
     except BaseException:
         os.close(fd)
         raise
