@@ -94,6 +94,23 @@ def _parse_marker(marker: str) -> tuple[tuple[tuple[int, int, int], ...], frozen
     return tuple(limits), frozenset(number for number in range(1, 65) if ignored >> (number - 1) & 1)
 
 
+def _internal_signals_ignored() -> frozenset[int]:
+    """glibc's 32 and 33 as the server inherited them: read at import, before any thread or
+    setuid could make glibc install its own handlers (its sigaction cannot even read them)."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"SigIgn:"):
+                    bits = int(line.split()[1], 16)
+                    return frozenset(number for number in (32, 33) if bits >> (number - 1) & 1)
+    except (OSError, ValueError):
+        pass
+    return frozenset()
+
+
+INTERNAL_SIGNALS_IGNORED = _internal_signals_ignored()
+
+
 def take_launcher_marker(argv: list[str]) -> None:
     """main()'s first step: argv[1], the launcher's marker, taken out of argv and read; the mask
     the server was started with recorded. Before any thread starts or blocks a signal.
@@ -364,8 +381,9 @@ class _CtypesSpawn:
         libc = self._libc
         libc.posix_spawnattr_init(attributes)
         # 32 and 33 too: posix_spawn's child otherwise leaves glibc's internal signals ignored,
-        # and SIG_IGN would outlive the exec.
-        defaults = self._signal_set(_signals_to_default() | {32, 33})
+        # and SIG_IGN would outlive the exec; but not those the server inherited as ignored,
+        # which the original's child keeps ignored (the extension's child leaves both alone).
+        defaults = self._signal_set(_signals_to_default() | ({32, 33} - INTERNAL_SIGNALS_IGNORED))
         mask = self._signal_set(_program_mask() - {32, 33})
         libc.posix_spawnattr_setsigdefault(attributes, defaults)
         libc.posix_spawnattr_setsigmask(attributes, mask)
