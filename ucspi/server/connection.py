@@ -356,7 +356,11 @@ class Connection:
                 log.emit(ProgramEnded(self.pid, wait_status, self.client_ip(), took))
         finally:
             self.pid = 0
-            self.finish()
+            self._program_gone()
+
+    def _program_gone(self) -> None:
+        """The program was reaped: here the connection is over (a TLS one may still be relaying)."""
+        self.finish()
 
     # -- the end ----------------------------------------------------------------------------
 

@@ -16,13 +16,12 @@ import os
 import signal
 import socket
 import ssl
-import time
 from typing import ClassVar
 
 from ucspi.errors import error_text
 from ucspi.server.connection import Connection, Drop
 from ucspi.server.limits import Refusal
-from ucspi.server.log import Dropped, ProgramEnded, Served, TLSAccepted, TLSFailed, TLSTruncated
+from ucspi.server.log import Dropped, Served, TLSAccepted, TLSFailed, TLSTruncated
 from ucspi.server.peer import Peer, Relay
 from ucspi.server.spawn import tcp_variables
 from ucspi.tls.context import TLSSetup, certificate_variables
@@ -417,26 +416,13 @@ class TLSConnection(Connection):
             self._close_descriptor()
             self._end_if_over()
 
-    def program_ended(self, wait_status: int) -> None:
-        if self._spawn_pending:
-            self._early_end = wait_status
-            return
-        try:
-            if self.server.log.verbose:
-                log = self.server.log
-                # From accept to the reap, as tcpserver's (ucspi/server/connection.py): the structured modes' dur_ms.
-                took = int((time.monotonic() - self.slot.started) * 1000) if log.structured else None
-                log.emit(ProgramEnded(self.pid, wait_status, self.client_ip(), took))
-        finally:
-            self.pid = 0
-            self._program_over = True
-            relay = self._relay
-            if relay is not None and not relay.over:
-                relay.program_gone()
-            elif self._ctl is not None and self._session is None:
-                # -n and the program ended without a word: EOF on the control socket says so too.
-                pass
-            self._end_if_over()
+    def _program_gone(self) -> None:
+        """Reaped (its end line written by Connection.program_ended): the relay may still be delivering."""
+        self._program_over = True
+        relay = self._relay
+        if relay is not None and not relay.over:
+            relay.program_gone()
+        self._end_if_over()
 
     def _end_if_over(self) -> None:
         if self._program_over and self._relay_over:
