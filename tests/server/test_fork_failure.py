@@ -9,11 +9,11 @@ threads, so its first clone for a client is the one refused.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from pathlib import Path
 
 import pytest
+from conftest import needs_tool
 from serverproc import FALLBACK_FORCED, ORIGINAL, OUR_SERVER, original_available, plain_environment, start_server
 
 NOBODY = 65534
@@ -21,7 +21,7 @@ OPTIONS = ["-v", "-HRl0", "-u", str(NOBODY), "-g", str(NOBODY)]
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the server as nobody"),
-    pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)"),
+    needs_tool("prlimit", "util-linux"),
     pytest.mark.skipif(FALLBACK_FORCED, reason="posix_spawn cannot tell a failed fork from a failed exec"),
 ]
 
