@@ -25,6 +25,7 @@ def help_text() -> str:
     """--help, from the option tables (as tcpserver's)."""
     import click
 
+    from ucspi.cli.tcpserver import option_rows
     from ucspi.server.options import LONG_OPTIONS
     from ucspi.tls.options import SSL_OPTION_TABLE
 
@@ -37,19 +38,9 @@ def help_text() -> str:
         " plaintext on descriptors 0 and 1 and PROTO=SSL, SSLREMOTEIP and the rest in its environment."
     )
     with formatter.section("Options"):
-        formatter.write_dl(
-            [
-                (option.spelling + (f" {option.argument}" if option.argument else ""), option.help)
-                for option in SSL_OPTION_TABLE
-            ]
-        )
+        formatter.write_dl(option_rows(SSL_OPTION_TABLE))
     with formatter.section("Long options (before the host)"):
-        formatter.write_dl(
-            [
-                (option.spelling + (f"={option.argument}" if option.argument else ""), option.help)
-                for option in LONG_OPTIONS
-            ]
-        )
+        formatter.write_dl(option_rows(LONG_OPTIONS))
     with formatter.section("Environment read"):
         formatter.write_dl(
             [

@@ -70,6 +70,17 @@ def _write_stderr(text: str | bytes) -> None:
     _write_fd(2, (os.fsencode(text) if isinstance(text, str) else text) + b"\n")
 
 
+def option_rows(table: Sequence[Option]) -> list[tuple[str, str]]:
+    """--help's rows of an option table: `-c limit` for a letter, `--name=value` for a word."""
+    rows = []
+    for option in table:
+        spelling = option.spelling
+        if option.argument:
+            spelling += ("=" if option.is_long else " ") + option.argument
+        rows.append((spelling, option.help))
+    return rows
+
+
 def help_text(long_options: Sequence[Option] = LONG_OPTIONS) -> str:
     """--help (README, differences item 4), formatted by click from the option tables."""
     import click
@@ -83,20 +94,10 @@ def help_text(long_options: Sequence[Option] = LONG_OPTIONS) -> str:
         " descriptors 0 and 1."
     )
     with formatter.section("Options"):
-        formatter.write_dl(
-            [
-                (option.spelling + (f" {option.argument}" if option.argument else ""), option.help)
-                for option in OPTION_TABLE
-            ]
-        )
+        formatter.write_dl(option_rows(OPTION_TABLE))
     if long_options:
         with formatter.section("Long options (before the host)"):
-            formatter.write_dl(
-                [
-                    (option.spelling + (f"={option.argument}" if option.argument else ""), option.help)
-                    for option in long_options
-                ]
-            )
+            formatter.write_dl(option_rows(long_options))
     with formatter.section("Exit codes"):
         formatter.write_dl(
             [

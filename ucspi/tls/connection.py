@@ -188,20 +188,27 @@ class TLSConnection(Connection):
 
         start_eagerly(self._handshake_then_program(), self.server.loop, self.server._tasks)
 
+    async def _handshake(self) -> TLSSession | None:
+        """The handshake within -T, and the client's certificate checked: the session, logged;
+        None when either failed (the failed handshake logged)."""
+        session = self._new_session()
+        try:
+            await session.handshake(self.setup.options.handshake_timeout)
+        except HandshakeFailed as failure:
+            self.server.log.emit(TLSFailed(b"accept", os.fsencode(failure.reason), self.client_ip()))
+            return None
+        if not self._client_accepted(session):
+            return None
+        self._log_accept(session)
+        return session
+
     async def _handshake_then_program(self) -> None:
         server = self.server
         try:
-            session = self._new_session()
-            try:
-                await session.handshake(self.setup.options.handshake_timeout)
-            except HandshakeFailed as failure:
-                server.log.emit(TLSFailed(b"accept", os.fsencode(failure.reason), self.client_ip()))
+            session = await self._handshake()
+            if session is None:
                 self.finish()
                 return
-            if not self._client_accepted(session):
-                self.finish()
-                return
-            self._log_accept(session)
             changes = list(self._changes)
             if self.setup.options.ssl_variables:
                 changes += session_variables(self.setup, session.ssl, self._server_variables(session))
@@ -308,17 +315,10 @@ class TLSConnection(Connection):
     async def _starttls(self, send_variables: bool) -> None:
         server = self.server
         try:
-            session = self._new_session()
-            try:
-                await session.handshake(self.setup.options.handshake_timeout)
-            except HandshakeFailed as failure:
-                server.log.emit(TLSFailed(b"accept", os.fsencode(failure.reason), self.client_ip()))
+            session = await self._handshake()
+            if session is None:
                 self._after_failed_starttls()
                 return
-            if not self._client_accepted(session):
-                self._after_failed_starttls()
-                return
-            self._log_accept(session)
             ctl = self._ctl
             if ctl is not None:
                 if send_variables:
