@@ -20,7 +20,10 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
+#include <sys/eventfd.h>
 #include <sys/wait.h>
+#include <pthread.h>
+#include <stdint.h>
 #include <unistd.h>
 
 /* The kernel's sigset_t (what rt_sigprocmask takes): 64 signals. */
@@ -125,138 +128,571 @@ child_main(void *argument)
     _exit(127);
 }
 
-/* The bytes items of a PySequence_Fast as a NULL-terminated array (borrowed: the sequence holds them).
- * An item holding a NUL ends there, as a C string does: a DNS name with a NUL in TCPREMOTEHOST
- * reaches the program cut, as from the original (and as through posix_spawn's c_char_p). */
-static char **
-string_array(PyObject *sequence, const char *what)
-{
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
-    PyObject **items = PySequence_Fast_ITEMS(sequence);
-    char **array = PyMem_Malloc((count + 1) * sizeof(char *));
-    Py_ssize_t i;
+/* -- the clone --------------------------------------------------------------------------- */
 
+static pid_t
+clone_child(child_job *job, int *clone_errno)
+{
+    kernel_sigset all = ~0UL, old;
+    pid_t pid;
+    /* The child's stack: inside this frame, so nothing is mapped per spawn. */
+    char stack[CHILD_STACK_SIZE] __attribute__((aligned(64)));
+
+    /* Every signal blocked across the clone: no handler of ours may run in the child. */
+    raw_sigprocmask(SIG_SETMASK, &all, &old);
+    pid = clone(child_main, stack + sizeof stack, CLONE_VM | CLONE_VFORK | SIGCHLD, job);
+    *clone_errno = pid == -1 ? errno : 0;
+    raw_sigprocmask(SIG_SETMASK, &old, NULL);
+    return pid;
+}
+
+/* -- the engine: spawning threads, the reaper, and the events the loop takes ------------------
+ *
+ * The loop hands a job over (submit) and goes on; a spawning thread clones, registers the pid
+ * and queues the answer; the reaper thread waits for ended children and queues their ends. The
+ * loop takes every queued event at once (take), woken by an eventfd: no GIL, no Python and no
+ * wake-up per client in between.
+ *
+ * Only the reaper reaps. A child whose exec failed is registered too, as failed: the reaper
+ * reaps it without an event. A zombie nobody registered may be the child of a clone that has
+ * not returned yet: each spawner's window (odd while it is between clone and registration) is
+ * noted, and the reaper waits until every window open at that moment has closed. The zombie is
+ * then registered, or it was never ours (a child the process had before it was tcpserver).
+ */
+
+enum { EVENT_SPAWNED, EVENT_EXEC_FAILED, EVENT_FORK_FAILED, EVENT_ENDED };
+
+typedef struct queued_job {
+    struct queued_job *next;
+    long long token;
+    child_job job; /* its arrays and strings follow this struct, in the same allocation */
+} queued_job;
+
+typedef struct {
+    int kind;
+    long long token;
+    long value; /* the pid, the errno or the wait status */
+} engine_event;
+
+typedef struct pid_entry {
+    struct pid_entry *next;
+    pid_t pid;
+    int failed; /* its exec failed: reaped without an event */
+    long long token;
+} pid_entry;
+
+#define PID_BUCKETS 1024
+#define MAX_SPAWNERS 17 /* up to 16 spawning threads, and the loop's own (spawn_now) */
+#define ENGINE_THREAD_STACK (256 * 1024)
+
+static struct {
+    int started;
+    int broken; /* an event could not be queued: the server must exit */
+    pthread_mutex_t lock;
+    pthread_cond_t job_ready; /* the spawning threads wait on it */
+    pthread_cond_t changed;   /* the reaper waits on it: a window closed, a child registered */
+    queued_job *head, *tail;
+    engine_event *events, *spare;
+    size_t event_count, event_capacity, spare_capacity;
+    int wake_pending;
+    int wake_fd;
+    pid_entry *buckets[PID_BUCKETS];
+    unsigned long generation;       /* bumped whenever a window closes */
+    unsigned long window[MAX_SPAWNERS]; /* odd: that spawner is between clone and registration */
+    int spawners;                   /* the loop's own is the last */
+    char **candidates;
+    Py_ssize_t candidate_count;
+    char **argv;
+} engine = {.lock = PTHREAD_MUTEX_INITIALIZER, .job_ready = PTHREAD_COND_INITIALIZER, .changed = PTHREAD_COND_INITIALIZER, .wake_fd = -1};
+
+static pid_entry **
+bucket_of(pid_t pid)
+{
+    return &engine.buckets[(unsigned)pid % PID_BUCKETS];
+}
+
+static pid_entry *
+find_registered(pid_t pid, pid_entry ***link)
+{
+    pid_entry **here = bucket_of(pid);
+    for (; *here != NULL; here = &(*here)->next)
+        if ((*here)->pid == pid) {
+            *link = here;
+            return *here;
+        }
+    return NULL;
+}
+
+/* Under the lock. Returns whether the eventfd must be written once the lock is released. */
+static int
+push_event(int kind, long long token, long value)
+{
+    if (engine.event_count == engine.event_capacity) {
+        size_t capacity = engine.event_capacity ? engine.event_capacity * 2 : 64;
+        engine_event *grown = realloc(engine.events, capacity * sizeof *grown);
+        if (grown == NULL) {
+            engine.broken = 1; /* take() says so; nothing else can give this client its end */
+            return 1;
+        }
+        engine.events = grown;
+        engine.event_capacity = capacity;
+    }
+    engine.events[engine.event_count].kind = kind;
+    engine.events[engine.event_count].token = token;
+    engine.events[engine.event_count].value = value;
+    engine.event_count++;
+    if (engine.wake_pending)
+        return 0;
+    engine.wake_pending = 1;
+    return 1;
+}
+
+static void
+wake_loop(void)
+{
+    uint64_t one = 1;
+    while (write(engine.wake_fd, &one, sizeof one) == -1 && errno == EINTR)
+        ;
+}
+
+/* Clone in spawner slot's window and register the child; an answer queued unless inline.
+ * Returns the pid (-1: no child), with *failure the exec's or the clone's errno. */
+static pid_t
+spawn_registered(int slot, long long token, child_job *job, int queue_answer, int *failure)
+{
+    pid_t pid;
+    int clone_errno, wake = 0;
+    pid_entry *entry = malloc(sizeof *entry);
+
+    if (entry == NULL) {
+        *failure = ENOMEM;
+        pid = -1;
+        clone_errno = ENOMEM;
+        pthread_mutex_lock(&engine.lock);
+        goto answer;
+    }
+    job->exec_errno = 0;
+    __atomic_add_fetch(&engine.window[slot], 1, __ATOMIC_SEQ_CST); /* open: odd */
+    pid = clone_child(job, &clone_errno);
+    pthread_mutex_lock(&engine.lock);
+    if (pid > 0) {
+        entry->pid = pid;
+        entry->failed = job->exec_errno != 0;
+        entry->token = token;
+        entry->next = *bucket_of(pid);
+        *bucket_of(pid) = entry;
+        entry = NULL;
+    }
+    __atomic_add_fetch(&engine.window[slot], 1, __ATOMIC_SEQ_CST); /* closed: even */
+    engine.generation++;
+    pthread_cond_broadcast(&engine.changed);
+answer:
+    *failure = pid == -1 ? clone_errno : job->exec_errno;
+    if (queue_answer) {
+        if (pid == -1)
+            wake = push_event(EVENT_FORK_FAILED, token, clone_errno);
+        else if (job->exec_errno)
+            wake = push_event(EVENT_EXEC_FAILED, token, job->exec_errno);
+        else
+            wake = push_event(EVENT_SPAWNED, token, pid);
+    }
+    pthread_mutex_unlock(&engine.lock);
+    free(entry);
+    if (wake)
+        wake_loop();
+    return pid;
+}
+
+static void
+block_every_signal(void)
+{
+    sigset_t all;
+    /* glibc's own mask call: it leaves its internal signals (setxid's) deliverable. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, NULL);
+}
+
+static void *
+spawning_thread(void *argument)
+{
+    int slot = (int)(intptr_t)argument, failure;
+    queued_job *taken;
+
+    block_every_signal();
+    for (;;) {
+        pthread_mutex_lock(&engine.lock);
+        while (engine.head == NULL)
+            pthread_cond_wait(&engine.job_ready, &engine.lock);
+        taken = engine.head;
+        engine.head = taken->next;
+        if (engine.head == NULL)
+            engine.tail = NULL;
+        pthread_mutex_unlock(&engine.lock);
+        spawn_registered(slot, taken->token, &taken->job, 1, &failure);
+        free(taken);
+    }
+    return NULL;
+}
+
+static int
+windows_still_open(const unsigned long *noted)
+{
+    int i;
+    for (i = 0; i < engine.spawners; i++)
+        if ((noted[i] & 1) && __atomic_load_n(&engine.window[i], __ATOMIC_SEQ_CST) == noted[i])
+            return 1;
+    return 0;
+}
+
+static void *
+reaping_thread(void *argument)
+{
+    unsigned long noted[MAX_SPAWNERS];
+    (void)argument;
+
+    block_every_signal();
+    for (;;) {
+        siginfo_t info;
+        pid_entry *entry, **link;
+        int status, wake = 0, i;
+        unsigned long generation;
+
+        pthread_mutex_lock(&engine.lock);
+        generation = engine.generation;
+        pthread_mutex_unlock(&engine.lock);
+        memset(&info, 0, sizeof info);
+        if (waitid(P_ALL, 0, &info, WEXITED | WNOWAIT) == -1) {
+            if (errno == EINTR)
+                continue;
+            pthread_mutex_lock(&engine.lock);
+            if (errno == ECHILD) {
+                /* No child at all: until a spawn has been made. */
+                while (engine.generation == generation)
+                    pthread_cond_wait(&engine.changed, &engine.lock);
+                pthread_mutex_unlock(&engine.lock);
+            }
+            else {
+                pthread_mutex_unlock(&engine.lock);
+                usleep(100000); /* never given up: ended programs hold their slots */
+            }
+            continue;
+        }
+        if (info.si_pid <= 0)
+            continue;
+        pthread_mutex_lock(&engine.lock);
+        entry = find_registered(info.si_pid, &link);
+        if (entry == NULL) {
+            for (i = 0; i < engine.spawners; i++)
+                noted[i] = __atomic_load_n(&engine.window[i], __ATOMIC_SEQ_CST);
+            while (windows_still_open(noted))
+                pthread_cond_wait(&engine.changed, &engine.lock);
+            entry = find_registered(info.si_pid, &link);
+        }
+        /* A zombie now: waitpid returns at once. */
+        while (waitpid(info.si_pid, &status, 0) == -1 && errno == EINTR)
+            ;
+        if (entry != NULL) {
+            *link = entry->next;
+            if (!entry->failed)
+                wake = push_event(EVENT_ENDED, entry->token, status);
+        }
+        pthread_mutex_unlock(&engine.lock);
+        free(entry);
+        if (wake)
+            wake_loop();
+    }
+    return NULL;
+}
+
+/* A NULL-terminated copy of a sequence of bytes (malloc'd: the engine keeps it for good). */
+static char **
+copied_strings(PyObject *sequence, Py_ssize_t *count_out)
+{
+    PyObject *items = PySequence_Fast(sequence, "a sequence of bytes expected");
+    Py_ssize_t count, i;
+    char **array;
+
+    if (items == NULL)
+        return NULL;
+    count = PySequence_Fast_GET_SIZE(items);
+    array = calloc(count + 1, sizeof(char *));
     if (array == NULL) {
+        Py_DECREF(items);
         PyErr_NoMemory();
         return NULL;
     }
     for (i = 0; i < count; i++) {
-        if (!PyBytes_Check(items[i])) {
-            PyMem_Free(array);
-            PyErr_Format(PyExc_TypeError, "%s: bytes expected, not %.100s", what, Py_TYPE(items[i])->tp_name);
-            return NULL;
+        PyObject *item = PySequence_Fast_GET_ITEM(items, i);
+        if (!PyBytes_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "bytes expected");
+            break;
         }
-        array[i] = PyBytes_AS_STRING(items[i]);
+        if ((array[i] = strdup(PyBytes_AS_STRING(item))) == NULL) {
+            PyErr_NoMemory();
+            break;
+        }
     }
-    array[count] = NULL;
+    Py_DECREF(items);
+    if (PyErr_Occurred()) {
+        for (i = 0; i < count; i++)
+            free(array[i]);
+        free(array);
+        return NULL;
+    }
+    *count_out = count;
     return array;
 }
 
-PyDoc_STRVAR(spawn_doc,
-"spawn(candidates, argv, environment, stdin_fd, stdout_fd, pass_fds) -> pid\n\n"
-"Run argv with environment (sequences of bytes, passed as they are) from the first of candidates\n"
-"(paths, in PATH order) that execve takes, stdin_fd on 0, stdout_fd on 1, pass_fds open.\n"
-"OSError with the exec's errno when none does (the failed child is reaped already).");
+PyDoc_STRVAR(start_engine_doc,
+"start_engine(candidates, argv, threads) -> fd\n\n"
+"Start the spawning threads and the reaper for the program argv, run from the first of candidates\n"
+"(paths, in PATH order) that execve takes. fd becomes readable when take() has events. Once.");
+
+static PyObject *
+start_engine(PyObject *module, PyObject *args)
+{
+    PyObject *candidates, *argv;
+    int threads, i, error;
+    pthread_attr_t attributes;
+    pthread_t thread;
+    Py_ssize_t argv_count;
+
+    if (!PyArg_ParseTuple(args, "OOi:start_engine", &candidates, &argv, &threads))
+        return NULL;
+    if (engine.started) {
+        PyErr_SetString(PyExc_RuntimeError, "start_engine: started already");
+        return NULL;
+    }
+    if (threads < 1 || threads > MAX_SPAWNERS - 1) {
+        PyErr_SetString(PyExc_ValueError, "start_engine: threads out of range");
+        return NULL;
+    }
+    if ((engine.candidates = copied_strings(candidates, &engine.candidate_count)) == NULL)
+        return NULL;
+    if ((engine.argv = copied_strings(argv, &argv_count)) == NULL)
+        return NULL;
+    if (engine.candidate_count == 0 || argv_count == 0) {
+        PyErr_SetString(PyExc_ValueError, "start_engine: no program");
+        return NULL;
+    }
+    if ((engine.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) == -1)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    engine.spawners = threads + 1;
+    /* Sized here, not by RLIMIT_STACK (which softlimit -m sets too); the child's stack is inside. */
+    pthread_attr_init(&attributes);
+    pthread_attr_setstacksize(&attributes, ENGINE_THREAD_STACK);
+    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    error = pthread_create(&thread, &attributes, reaping_thread, NULL);
+    for (i = 0; error == 0 && i < threads; i++)
+        error = pthread_create(&thread, &attributes, spawning_thread, (void *)(intptr_t)i);
+    pthread_attr_destroy(&attributes);
+    if (error != 0) {
+        errno = error;
+        return PyErr_SetFromErrno(PyExc_OSError); /* the server cannot serve: it exits */
+    }
+    engine.started = 1;
+    return PyLong_FromLong(engine.wake_fd);
+}
+
+/* The job for one client: its environment, descriptors and token, copied into one allocation
+ * that the spawning thread frees. */
+static queued_job *
+make_job(long long token, PyObject *environment, int stdin_fd, int stdout_fd, PyObject *pass_fds)
+{
+    PyObject *entries = NULL, *passed = NULL;
+    Py_ssize_t count, pass_count, i;
+    size_t strings = 0, size;
+    queued_job *made = NULL;
+    char **envp, *text;
+    int *pass;
+
+    if (!engine.started) {
+        PyErr_SetString(PyExc_RuntimeError, "the spawn engine is not started");
+        return NULL;
+    }
+    if ((entries = PySequence_Fast(environment, "environment: a sequence of bytes expected")) == NULL
+        || (passed = PySequence_Fast(pass_fds, "pass_fds: a sequence expected")) == NULL)
+        goto done;
+    count = PySequence_Fast_GET_SIZE(entries);
+    pass_count = PySequence_Fast_GET_SIZE(passed);
+    for (i = 0; i < count; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(entries, i);
+        if (!PyBytes_Check(item)) {
+            PyErr_Format(PyExc_TypeError, "environment: bytes expected, not %.100s", Py_TYPE(item)->tp_name);
+            goto done;
+        }
+        /* An entry holding a NUL ends there, as a C string does (and as from the original). */
+        strings += strlen(PyBytes_AS_STRING(item)) + 1;
+    }
+    size = sizeof *made + (count + 1) * sizeof(char *) + pass_count * sizeof(int) + strings;
+    if ((made = malloc(size)) == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    envp = (char **)(made + 1);
+    pass = (int *)(envp + count + 1);
+    text = (char *)(pass + pass_count);
+    for (i = 0; i < pass_count; i++) {
+        pass[i] = _PyLong_AsInt(PySequence_Fast_GET_ITEM(passed, i));
+        if (pass[i] == -1 && PyErr_Occurred()) {
+            free(made);
+            made = NULL;
+            goto done;
+        }
+    }
+    for (i = 0; i < count; i++) {
+        size_t length = strlen(PyBytes_AS_STRING(PySequence_Fast_GET_ITEM(entries, i))) + 1;
+        memcpy(text, PyBytes_AS_STRING(PySequence_Fast_GET_ITEM(entries, i)), length);
+        envp[i] = text;
+        text += length;
+    }
+    envp[count] = NULL;
+    made->next = NULL;
+    made->token = token;
+    made->job.candidates = engine.candidates;
+    made->job.candidate_count = engine.candidate_count;
+    made->job.argv = engine.argv;
+    made->job.envp = envp;
+    made->job.stdin_fd = stdin_fd;
+    made->job.stdout_fd = stdout_fd;
+    made->job.pass_fds = pass;
+    made->job.pass_count = pass_count;
+    made->job.exec_errno = 0;
+done:
+    Py_XDECREF(entries);
+    Py_XDECREF(passed);
+    return made;
+}
+
+PyDoc_STRVAR(submit_doc,
+"submit(token, environment, stdin_fd, stdout_fd, pass_fds)\n\n"
+"Hand the spawn over to a spawning thread: stdin_fd on 0, stdout_fd on 1, pass_fds kept open,\n"
+"environment (bytes entries) exactly as the program gets it. Its answer comes from take().");
+
+static PyObject *
+submit(PyObject *module, PyObject *args)
+{
+    long long token;
+    PyObject *environment, *pass_fds;
+    int stdin_fd, stdout_fd;
+    queued_job *job;
+
+    if (!PyArg_ParseTuple(args, "LOiiO:submit", &token, &environment, &stdin_fd, &stdout_fd, &pass_fds))
+        return NULL;
+    if ((job = make_job(token, environment, stdin_fd, stdout_fd, pass_fds)) == NULL)
+        return NULL;
+    pthread_mutex_lock(&engine.lock);
+    if (engine.tail != NULL)
+        engine.tail->next = job;
+    else
+        engine.head = job;
+    engine.tail = job;
+    pthread_cond_signal(&engine.job_ready);
+    pthread_mutex_unlock(&engine.lock);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(spawn_now_doc,
+"spawn_now(token, environment, stdin_fd, stdout_fd, pass_fds) -> pid\n\n"
+"submit's spawn made on the calling thread (the loop's only), GIL released; the answer is\n"
+"returned, or raised: ForkError when there is no child, OSError with the exec's errno. The\n"
+"program's end comes from take().");
 
 static PyObject *fork_error; /* ForkError: the clone itself failed (EAGAIN, ENOMEM) */
 
 static PyObject *
-spawn(PyObject *module, PyObject *args)
+spawn_now(PyObject *module, PyObject *args)
 {
-    PyObject *candidates, *argv, *environment, *pass_fds;
-    PyObject *candidate_list = NULL, *argv_list = NULL, *environment_list = NULL, *pass_list = NULL;
-    int stdin_fd, stdout_fd;
-    char **candidate_array = NULL, **argv_array = NULL, **envp_array = NULL;
-    int pass_array[64];
-    int *pass = pass_array;
-    Py_ssize_t pass_count = 0, i;
-    child_job job;
-    kernel_sigset all = ~0UL, old;
+    long long token;
+    PyObject *environment, *pass_fds;
+    int stdin_fd, stdout_fd, failure;
+    queued_job *job;
     pid_t pid;
-    int clone_errno = 0, status;
-    PyObject *result = NULL;
-    /* The child's stack: inside this frame, so nothing is mapped per spawn. */
-    char stack[CHILD_STACK_SIZE] __attribute__((aligned(64)));
 
-    if (!PyArg_ParseTuple(args, "OOOiiO:spawn", &candidates, &argv, &environment, &stdin_fd, &stdout_fd, &pass_fds))
+    if (!PyArg_ParseTuple(args, "LOiiO:spawn_now", &token, &environment, &stdin_fd, &stdout_fd, &pass_fds))
         return NULL;
-    if ((candidate_list = PySequence_Fast(candidates, "spawn: candidates must be a sequence")) == NULL
-        || (argv_list = PySequence_Fast(argv, "spawn: argv must be a sequence")) == NULL
-        || (environment_list = PySequence_Fast(environment, "spawn: environment must be a sequence")) == NULL
-        || (pass_list = PySequence_Fast(pass_fds, "spawn: pass_fds must be a sequence")) == NULL)
-        goto done;
-    if (PySequence_Fast_GET_SIZE(candidate_list) == 0 || PySequence_Fast_GET_SIZE(argv_list) == 0) {
-        PyErr_SetString(PyExc_ValueError, "spawn: no program");
-        goto done;
-    }
-    pass_count = PySequence_Fast_GET_SIZE(pass_list);
-    if (pass_count > (Py_ssize_t)(sizeof pass_array / sizeof pass_array[0])) {
-        pass = PyMem_Malloc(pass_count * sizeof(int));
-        if (pass == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-    }
-    for (i = 0; i < pass_count; i++) {
-        pass[i] = _PyLong_AsInt(PySequence_Fast_GET_ITEM(pass_list, i));
-        if (pass[i] == -1 && PyErr_Occurred())
-            goto done;
-    }
-    if ((candidate_array = string_array(candidate_list, "candidates")) == NULL)
-        goto done;
-    if ((argv_array = string_array(argv_list, "argv")) == NULL)
-        goto done;
-    if ((envp_array = string_array(environment_list, "environment")) == NULL)
-        goto done;
-
-    job.candidates = candidate_array;
-    job.candidate_count = PySequence_Fast_GET_SIZE(candidate_list);
-    job.argv = argv_array;
-    job.envp = envp_array;
-    job.stdin_fd = stdin_fd;
-    job.stdout_fd = stdout_fd;
-    job.pass_fds = pass;
-    job.pass_count = pass_count;
-    job.exec_errno = 0;
-
+    if ((job = make_job(token, environment, stdin_fd, stdout_fd, pass_fds)) == NULL)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
-    /* Every signal blocked across the clone: no handler of ours may run in the child. */
-    raw_sigprocmask(SIG_SETMASK, &all, &old);
-    pid = clone(child_main, stack + sizeof stack, CLONE_VM | CLONE_VFORK | SIGCHLD, &job);
-    if (pid == -1)
-        clone_errno = errno;
-    raw_sigprocmask(SIG_SETMASK, &old, NULL);
-    if (pid > 0 && job.exec_errno != 0) {
-        /* Ours to reap: children.py's reaper leaves alone a pid no spawn registered. */
-        while (waitpid(pid, &status, 0) == -1 && errno == EINTR)
-            ;
-    }
+    pid = spawn_registered(engine.spawners - 1, token, &job->job, 0, &failure);
     Py_END_ALLOW_THREADS
-
-    if (pid == -1) {
+    free(job);
+    if (pid == -1 || failure != 0) {
         /* No child at all: the original's `unable to fork`, not an exec's failure. */
-        errno = clone_errno;
-        PyErr_SetFromErrno(fork_error);
+        errno = failure;
+        return PyErr_SetFromErrno(pid == -1 ? fork_error : PyExc_OSError);
     }
-    else if (job.exec_errno != 0) {
-        errno = job.exec_errno;
-        PyErr_SetFromErrno(PyExc_OSError);
-    }
-    else {
-        result = PyLong_FromLong(pid);
-    }
+    return PyLong_FromLong(pid);
+}
 
-done:
-    PyMem_Free(candidate_array);
-    PyMem_Free(argv_array);
-    PyMem_Free(envp_array);
-    if (pass != pass_array)
-        PyMem_Free(pass);
-    Py_XDECREF(candidate_list);
-    Py_XDECREF(argv_list);
-    Py_XDECREF(environment_list);
-    Py_XDECREF(pass_list);
-    return result;
+PyDoc_STRVAR(take_doc,
+"take() -> [(kind, token, value), ...]\n\n"
+"Every event queued since the last call, in order: (0, token, pid) spawned, (1, token, errno)\n"
+"the exec failed, (2, token, errno) no child (clone failed), (3, token, wait status) ended.\n"
+"A spawn's answer always comes before its program's end.");
+
+static PyObject *
+take(PyObject *module, PyObject *unused)
+{
+    uint64_t counter;
+    engine_event *taken;
+    size_t count, capacity, i;
+    PyObject *list;
+
+    if (!engine.started)
+        return PyList_New(0);
+    /* Read first: an event queued from here on writes the eventfd again. */
+    if (read(engine.wake_fd, &counter, sizeof counter) == -1 && errno != EAGAIN && errno != EINTR)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    pthread_mutex_lock(&engine.lock);
+    if (engine.broken) {
+        pthread_mutex_unlock(&engine.lock);
+        return PyErr_NoMemory();
+    }
+    taken = engine.events;
+    count = engine.event_count;
+    capacity = engine.event_capacity;
+    engine.events = engine.spare;
+    engine.event_capacity = engine.spare_capacity;
+    engine.event_count = 0;
+    engine.wake_pending = 0;
+    pthread_mutex_unlock(&engine.lock);
+    /* Only this call touches the spare buffer: the one just taken becomes it. */
+    engine.spare = taken;
+    engine.spare_capacity = capacity;
+    if ((list = PyList_New((Py_ssize_t)count)) == NULL)
+        return NULL;
+    for (i = 0; i < count; i++) {
+        PyObject *event = Py_BuildValue("(iLl)", taken[i].kind, taken[i].token, taken[i].value);
+        if (event == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, event);
+    }
+    return list;
+}
+
+PyDoc_STRVAR(signal_all_doc,
+"signal_all(number)\n\n"
+"number to every registered program. Under the engine's lock: a registered pid is alive or a\n"
+"zombie not reaped yet, so it names no one else's process.");
+
+static PyObject *
+signal_all(PyObject *module, PyObject *args)
+{
+    int number, i;
+    pid_entry *entry;
+
+    if (!PyArg_ParseTuple(args, "i:signal_all", &number))
+        return NULL;
+    pthread_mutex_lock(&engine.lock);
+    for (i = 0; i < PID_BUCKETS; i++)
+        for (entry = engine.buckets[i]; entry != NULL; entry = entry->next)
+            if (!entry->failed)
+                kill(entry->pid, number);
+    pthread_mutex_unlock(&engine.lock);
+    Py_RETURN_NONE;
 }
 
 PyDoc_STRVAR(configure_doc,
@@ -339,7 +775,11 @@ set_name(PyObject *module, PyObject *name)
 }
 
 static PyMethodDef methods[] = {
-    {"spawn", spawn, METH_VARARGS, spawn_doc},
+    {"start_engine", start_engine, METH_VARARGS, start_engine_doc},
+    {"submit", submit, METH_VARARGS, submit_doc},
+    {"spawn_now", spawn_now, METH_VARARGS, spawn_now_doc},
+    {"take", take, METH_NOARGS, take_doc},
+    {"signal_all", signal_all, METH_VARARGS, signal_all_doc},
     {"configure", configure, METH_VARARGS, configure_doc},
     {"set_name", set_name, METH_O, set_name_doc},
     {NULL, NULL, 0, NULL},

@@ -1,8 +1,12 @@
-"""The programs: started by spawn.py's Spawner (the C extension's clone-vfork, or glibc's
-posix_spawn through ctypes where it is not built or is switched off), inline or from worker
-threads; known by pid, reaped.
+"""The programs: started, known by pid, reaped. Two ways, one interface (make_children):
 
-The reaper reaps only what a spawn registered. Either path reaps its own child when the exec
+- EngineChildren, where the C extension is built: its engine's threads spawn (clone-vfork) and
+  reap without the GIL, and the loop takes their answers and the programs' ends in batches,
+  woken by one eventfd (ucspi/server/_spawn.c says how it reaps safely);
+- Children, the fallback: glibc's posix_spawn through ctypes (Spawner.spawn), inline or from
+  Python worker threads, reaped on SIGCHLD.
+
+Children's reaper reaps only what a spawn registered. Either path reaps its own child when the exec
 fails (the extension before its call returns, glibc inside posix_spawn); a waitpid(-1) running
 meanwhile could take that child first, and the pid would later name someone else's program. So
 the reaper looks at each ended child first (waitid with WNOWAIT) and reaps it only when its pid
@@ -23,7 +27,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from ucspi.server.spawn import Spawner
+from ucspi.server.spawn import USE_EXTENSION, ForkFailed, Spawner, _extension
 
 if TYPE_CHECKING:
     from ucspi.server.connection import Connection
@@ -218,3 +222,119 @@ class Children:
                     ended.append((connection, wait_status))
         for connection, wait_status in ended:
             connection.reaped(wait_status)
+
+
+# The engine's events (ucspi/server/_spawn.c, take()).
+_SPAWNED, _EXEC_FAILED, _FORK_FAILED, _ENDED = 0, 1, 2, 3
+
+
+class EngineChildren:
+    """The extension's engine: the same interface as Children, without a Python thread or a
+    signal handler per client."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        spawner: Spawner,
+        on_fatal: Callable[[bytes], None],
+        on_change: Callable[[], None],
+        on_error: Callable[[BaseException], None],
+        threads: int = SPAWN_THREADS,
+    ) -> None:
+        self._on_fatal = on_fatal
+        self._on_change = on_change  # a spawn was answered: accepting may resume
+        self._on_error = on_error
+        # token -> connection, from its spawn's start to its program's end (or its failure).
+        self._connections: dict[int, Connection] = {}
+        self._last_token = 0
+        self.waiting = 0  # handed to the engine's threads, not answered yet
+        self.alone = False  # set by the loop: the last wakeup found one client only
+        self._events: collections.deque[tuple[int, int, int]] = collections.deque()
+        # A program's end is seen by waitid in the reaper: SIGCHLD must not be ignored (an
+        # inherited SIG_IGN would have the kernel reap every program unseen).
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        try:
+            wake_fd = _extension.start_engine(spawner.candidates, spawner.argv, threads)
+        except Exception as error:  # a server that cannot spawn cannot serve
+            on_fatal(b"unable to start a spawning thread: " + type(error).__name__.encode())
+            return
+        loop.add_reader(wake_fd, self._take_events)
+
+    @property
+    def can_take_more(self) -> bool:
+        return self.waiting < MAX_WAITING_SPAWNS
+
+    def start(self, connection: Connection, environment: Sequence[bytes]) -> None:
+        """Spawn the connection's program; the outcome comes back through connection.spawn_answered."""
+        self._last_token = token = self._last_token + 1
+        fds = (connection.stdin_fd, connection.stdout_fd, connection.pass_fds)
+        if self.alone and not self.waiting:
+            # A client that came alone: a thread would only add two wakeups to its latency.
+            self._connections[token] = connection
+            try:
+                pid = _extension.spawn_now(token, environment, *fds)
+            except BaseException as error:
+                del self._connections[token]  # no child, or one the engine reaps unseen
+                connection.spawn_answered(0, error)
+                return
+            connection.pid = pid  # a fault in telling the spawn leaves the slot to the program
+            connection.spawn_answered(pid, None)
+            return
+        _extension.submit(token, environment, *fds)  # raises only before the job is queued
+        self._connections[token] = connection
+        self.waiting += 1
+
+    def _take_events(self) -> None:
+        events = self._events
+        try:
+            events.extend(_extension.take())
+        except MemoryError:  # an event lost: a slot would never come back
+            self._on_fatal(b"unable to spawn: out of memory")
+        except Exception as error:  # nothing taken: the eventfd stays readable, the loop calls again
+            self._on_error(error)
+        try:
+            while events:
+                kind, token, value = events.popleft()
+                try:
+                    self._answer(kind, token, value)
+                except Exception as error:  # each connection accounts for its own slot
+                    self._on_error(error)
+        finally:
+            if events:  # left by a BaseException: heard next round
+                asyncio.get_running_loop().call_soon(self._take_events)
+            self._on_change()
+
+    def _answer(self, kind: int, token: int, value: int) -> None:
+        if kind == _ENDED:
+            self._connections.pop(token).reaped(value)
+            return
+        self.waiting -= 1
+        if kind == _SPAWNED:
+            connection = self._connections[token]
+            connection.pid = value  # a fault in telling the spawn leaves the slot to the program
+            connection.spawn_answered(value, None)
+            return
+        connection = self._connections.pop(token)
+        error_class = ForkFailed if kind == _FORK_FAILED else OSError
+        connection.spawn_answered(0, error_class(value, os.strerror(value)))
+
+    def signal_all(self, number: int) -> None:
+        """number to every running program (a drain's end)."""
+        _extension.signal_all(number)
+
+
+def make_children(
+    loop: asyncio.AbstractEventLoop,
+    spawner: Spawner,
+    on_fatal: Callable[[bytes], None],
+    on_change: Callable[[], None],
+    on_error: Callable[[BaseException], None],
+) -> Children | EngineChildren:
+    """The engine where the extension is in use, else the fallback's threads and SIGCHLD reaper."""
+    if USE_EXTENSION:
+        return EngineChildren(loop, spawner, on_fatal, on_change, on_error)
+    children = Children(loop, spawner, on_fatal, on_change, on_error)
+    # uvloop refuses add_signal_handler(SIGCHLD), but a plain handler works; it only schedules
+    # a waitpid(WNOHANG) round on the loop, so no descriptor per child.
+    signal.signal(signal.SIGCHLD, children.on_sigchld)
+    return children

@@ -1,10 +1,10 @@
 """The accept loop: the -c slots, accepting, signals, and the faults no connection owns (docs/behaviour.md §6.5).
 
-Everything runs on one uvloop loop, but for posix_spawn calls made from worker threads under
-load (children.py). Each accepted client becomes a Connection (connection.py), which holds a
-slot from accept until it is denied, dropped or its program has been reaped; at the limit the
-listener leaves the loop's poll set, so new clients wait in the kernel's backlog as with the
-original. The live slots are the registry the status view reads (status.py).
+Everything runs on one uvloop loop, but for the spawns and the reaping (children.py: the C
+extension's threads, or the fallback's). Each accepted client becomes a Connection
+(connection.py), which holds a slot from accept until it is denied, dropped or its program has
+been reaped; at the limit the listener leaves the loop's poll set, so new clients wait in the
+kernel's backlog as with the original. The live slots are the registry the status view reads (status.py).
 
 Signals arrive as events (cli/tcpserver.py's sigwait thread hands them to on_signal): ALRM, and
 TERM under --drain, drain (README, Signals); USR1 writes the status view. 0.88's TERM exits
@@ -28,7 +28,7 @@ import uvloop
 
 from ucspi.errors import EXIT_TEMPORARY
 from ucspi.rules.database import RulesFile
-from ucspi.server.children import Children
+from ucspi.server.children import Children, EngineChildren, make_children
 from ucspi.server.connection import Connection, accepted_ip, start_eagerly
 from ucspi.server.descriptors import DESCRIPTORS
 from ucspi.server.limits import DEFAULT_LENGTHS, Limits
@@ -129,7 +129,7 @@ class Server:
         self._accepting = False
         self._backing_off = False
         self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-        self.children: Children
+        self.children: Children | EngineChildren
         self._tasks: set[asyncio.Task] = set()
 
     # -- the listener ---------------------------------------------------------------------
@@ -141,10 +141,7 @@ class Server:
         threading.excepthook = lambda hook: self.internal_error(hook.exc_value)  # no traceback in the log
         # Nor for what Python can only ignore (a client's non-ASCII SNI name, undecodable for its callback).
         sys.unraisablehook = lambda unraisable: self.internal_error(unraisable.exc_value)
-        self.children = Children(loop, self.spawner, self.die, self._resume, self.internal_error)
-        # Reaping: uvloop refuses add_signal_handler(SIGCHLD), but a plain handler works; it
-        # only schedules a waitpid(WNOHANG) round on the loop, so no descriptor per child.
-        signal.signal(signal.SIGCHLD, self.children.on_sigchld)
+        self.children = make_children(loop, self.spawner, self.die, self._resume, self.internal_error)
         DESCRIPTORS.on_relieved = self._resume
         # Written once the loop holds its own descriptors, so nothing can fail after it but clients.
         self.log.status(0, self.limit)

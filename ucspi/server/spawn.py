@@ -324,24 +324,25 @@ class Spawner:
         path_entries = (search_path if search_path is not None else b"/bin:/usr/bin").split(b":")
         name = self.program[0]
         # pathexec: a name with `/` is tried alone; else each PATH entry, empty meaning ".".
-        self._candidates = (name,) if b"/" in name else tuple((entry or b".") + b"/" + name for entry in path_entries)
-        self._argv = tuple(self.program)
+        self.candidates = (name,) if b"/" in name else tuple((entry or b".") + b"/" + name for entry in path_entries)
+        self.argv = tuple(self.program)
         self._ctypes: _CtypesSpawn | None = None
         if USE_EXTENSION:
+            # The extension's engine spawns (children.EngineChildren); spawn() is the fallback's.
             _extension.configure(sorted(_signals_to_default()), sorted(_program_mask()), START.lifted_limits)
         else:
-            self._ctypes = _CtypesSpawn(self._argv)
+            self._ctypes = _CtypesSpawn(self.argv)
 
     def spawn(self, stdin_fd: int, stdout_fd: int, environment: Sequence[bytes], pass_fds: tuple[int, ...] = ()) -> int:
-        """The child's pid; raises OSError with the errno the original's execvp would report.
+        """The fallback's spawn: the child's pid; raises OSError with the errno the original's
+        execvp would report.
 
         stdin_fd and stdout_fd become the program's 0 and 1 (the same connection for tcpserver,
         two pipes for sslserver); pass_fds stay open in the program at their own numbers.
         environment: the entries exactly as the program gets them.
         """
-        if self._ctypes is None:
-            return _extension.spawn(self._candidates, self._argv, environment, stdin_fd, stdout_fd, pass_fds)
-        return self._ctypes.spawn(self._candidates, stdin_fd, stdout_fd, environment, pass_fds)
+        assert self._ctypes is not None, "the extension spawns through its engine"
+        return self._ctypes.spawn(self.candidates, stdin_fd, stdout_fd, environment, pass_fds)
 
 
 class _CtypesSpawn:
