@@ -82,7 +82,7 @@ FALLBACK = os.environ.get("UCSPI_NO_EXTENSION") == "1"
 STEPS = [
     ("ucspi.server.peer:PeerFacts.known", ["-HRl0"]),
     ("ucspi.server.peer:PeerFacts.gather", ["-HRl0", "-r", "-t1"]),
-    ("ucspi.rules.database:RulesFile.decide", ["-HRl0"]),
+    ("ucspi.rules.database:RulesFile.verdict", ["-HRl0"]),
     ("ucspi.server.spawn:Environment.build", ["-HRl0"]),
     # Only in the code of issue 9.
     ("ucspi.server.connection:Connection.spawned", ["-HRl0"]),

@@ -34,7 +34,7 @@ from serverproc import (
 )
 from serverstate import in_threads, status_lines, wait_idle, warnings
 
-from ucspi.rules.database import RulesFile
+from ucspi.rules.database import VERDICTS_KEPT, RulesFile
 
 GOOD_RULES = '127.0.0.1:allow,RULES="good"\n:deny\n'
 SERVED = b"served good\n"
@@ -361,4 +361,28 @@ def _failed_open_is_remembered(cdb: Path, tmp_path: Path, opened: list[bytes]) -
     good = rules_cdb(tmp_path, GOOD_RULES, "good.cdb")
     os.replace(good, cdb)
     assert rules.decide(b"127.0.0.1", None, None).environment == [(b"RULES", b"good")]
+    rules.close()
+
+
+def test_a_verdict_is_kept_for_the_file_as_opened_and_no_longer(tmp_path: Path) -> None:
+    """A client seen before is not looked up again, until a stat shows the file changed: then
+    the next lookup reads the new file (tcprules renames it in, as here)."""
+    cdb = rules_cdb(tmp_path, GOOD_RULES, "rules.cdb")
+    rules = RulesFile(os.fsencode(cdb))
+    first = rules.verdict(b"127.0.0.1", None, None)
+    assert first[1:] == (False, ((b"RULES", b"good"),))
+    assert rules.verdict(b"127.0.0.1", None, None) is first  # kept, not found again
+    assert rules.verdict(b"127.0.0.2", None, None)[1] is True  # other facts, another verdict
+    assert rules.verdict(b"127.0.0.1", b"host", None) is not first
+    rules_cdb(tmp_path, '127.0.0.1:allow,RULES="new"\n:deny\n', "rules.cdb")
+    assert rules.verdict(b"127.0.0.1", None, None)[2] == ((b"RULES", b"new"),)
+    rules.close()
+
+
+def test_the_verdicts_kept_are_bounded_whatever_the_addresses(tmp_path: Path) -> None:
+    rules = RulesFile(os.fsencode(rules_cdb(tmp_path, GOOD_RULES, "rules.cdb")))
+    for number in range(VERDICTS_KEPT + 1000):
+        ip = b"10.%d.%d.%d" % (number >> 16 & 255, number >> 8 & 255, number & 255)
+        assert rules.verdict(ip, None, None)[1] is True
+        assert len(rules._verdicts) <= VERDICTS_KEPT
     rules.close()

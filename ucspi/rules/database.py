@@ -20,6 +20,10 @@ One process serves every client, so nothing here may block on what the file's ow
 - Nothing past the size fstat gave is read, so /dev/zero or a growing file cannot fill memory.
 - A file that could not be opened or read is not tried again while its identity is unchanged, for
   FAILURE_MEMORY seconds: the same error is reported meanwhile.
+
+What a lookup found is kept with the opened file (verdict): the same client facts against the
+same file give the same rule, so a client seen before costs the stat and a dict lookup. The
+memory goes with the file, at the first change a stat sees, and is bounded (VERDICTS_KEPT).
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ _COPY_CHUNK = 256 << 10
 _TRANSIENT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN})
 
 Identity = tuple[int, int, int, int, int]
+# (the rule, whether it denies, its variables in rule order): what a server needs of a rule.
+Verdict = tuple[Decision, bool, tuple[tuple[bytes, bytes], ...]]
+# Verdicts kept per opened file: a flood of new addresses clears them, it cannot grow them.
+VERDICTS_KEPT = 4096
 
 
 def _identity(status: os.stat_result) -> Identity:
@@ -136,6 +144,7 @@ class RulesFile:
         self._cdb: cdbx.CDB | None = None
         self._cidr_lengths: CidrLengths = NO_CIDR  # read once per opened file
         self._failure: _Failure | None = None
+        self._verdicts: dict[tuple[bytes, bytes | None, bytes | None], Verdict] = {}
 
     def _current(self) -> cdbx.CDB:
         identity = _identity(os.stat(self.path))
@@ -160,8 +169,21 @@ class RulesFile:
 
     def decide(self, ip: bytes, host: bytes | None, info: bytes | None) -> Decision:
         """The rule for a client; OSError as the original reports it (cdb format errors included)."""
-        reader = self._current()
-        return find_rule(reader.get, ip, host, info, self._cidr_lengths)
+        return self.verdict(ip, host, info)[0]
+
+    def verdict(self, ip: bytes, host: bytes | None, info: bytes | None) -> Verdict:
+        """decide's rule, whether it denies, and its variables; kept for the file as opened."""
+        reader = self._current()  # first: a changed file drops what was kept for the old one
+        facts = (ip, host, info)
+        verdict = self._verdicts.get(facts)
+        if verdict is None:
+            decision = find_rule(reader.get, ip, host, info, self._cidr_lengths)
+            variables = tuple(decision.environment) if decision.data else ()
+            verdict = (decision, decision.deny, variables)
+            if len(self._verdicts) >= VERDICTS_KEPT:
+                self._verdicts.clear()
+            self._verdicts[facts] = verdict
+        return verdict
 
     def close(self) -> None:
         if self._cdb is not None:
@@ -170,3 +192,4 @@ class RulesFile:
         self._identity = None
         self._cidr_lengths = NO_CIDR
         self._failure = None
+        self._verdicts = {}

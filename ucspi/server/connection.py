@@ -20,11 +20,12 @@ import os
 import socket
 import time
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine, Generator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ucspi.errors import error_text
-from ucspi.rules.lookup import NO_RULE, Decision
+from ucspi.rules.database import Verdict
+from ucspi.rules.lookup import NO_RULE
 from ucspi.server.descriptors import DESCRIPTORS
 from ucspi.server.limits import Refusal, Ticket
 from ucspi.server.log import (
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from ucspi.server.loop import Server, Slot
 
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_NO_RULE_VERDICT: Verdict = (NO_RULE, False, ())
 _PROXY_TIMEOUT = 5.0  # seconds, when --proxy-timeout is not given (Postfix's default; the spec: >= 3)
 
 
@@ -126,18 +128,16 @@ class Connection:
                 self.peer = peer = await server.facts.gather(local, remote, relay)
             else:
                 self.peer = peer = server.facts.known(local, remote)
-            decision = self._rules(peer)
+            decision, deny, rule_variables = self._rules(peer)
             if server.log.structured and decision.key is not None:
                 self.rule = rule_key(decision.key, decision.cidr)
-            if decision.deny:
+            if deny:
                 server.denied += 1  # the status view's count
                 # No child for a denied client (differences item 1): the server's pid in the line.
                 if server.log.verbose:  # an event is built only when it will be written
                     server.log.emit(Denied(server.pid, peer, rule=self.rule))
                 self.finish()
                 return
-            # The rule's variables, read once: for the limits and for the program.
-            rule_variables = decision.environment if decision.data else []
             limit_variables: list[tuple[bytes, bytes | None]] = []
             if server.limits is not None:
                 ticket, refusal, before = server.limits.decide(peer.rules_ip, rule_variables)
@@ -238,16 +238,16 @@ class Connection:
         except OSError as error:
             raise Drop(b"unable to get local address: " + error_text(error).encode(), b"sockname") from None
 
-    def _rules(self, peer: Peer) -> Decision:
+    def _rules(self, peer: Peer) -> Verdict:
         server = self.server
         rules = server.rules
         if rules is None:
-            return NO_RULE
+            return _NO_RULE_VERDICT
         try:
-            return rules.decide(peer.rules_ip, peer.remote_host, peer.remote_info)
+            return rules.verdict(peer.rules_ip, peer.remote_host, peer.remote_info)
         except OSError as error:
             if isinstance(error, FileNotFoundError) and server.options.allow_missing_rules:
-                return NO_RULE
+                return _NO_RULE_VERDICT
             assert server.options.rules_path is not None
             text = b"unable to read " + server.options.rules_path + b": " + error_text(error).encode()
             raise Drop(text, b"cdb") from None
@@ -277,7 +277,7 @@ class Connection:
     def _program(
         self,
         peer: Peer,
-        rule_variables: list[tuple[bytes, bytes]],
+        rule_variables: Sequence[tuple[bytes, bytes]],
         limit_variables: list[tuple[bytes, bytes | None]],
         relay: Relay | None,
     ) -> None:

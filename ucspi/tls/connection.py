@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import ssl
+from collections.abc import Sequence
 from typing import ClassVar
 
 from ucspi.errors import error_text
@@ -126,7 +127,7 @@ class TLSConnection(Connection):
         self._program_over = False
         self._program_pid = 0  # kept past the reap, for the relay's truncation line
         self._changes: list[tuple[bytes, bytes | None]] = []
-        self._rule_variables: list[tuple[bytes, bytes]] = []
+        self._rule_variables: Sequence[tuple[bytes, bytes]] = ()
 
     @property
     def stdin_fd(self) -> int:
@@ -168,7 +169,7 @@ class TLSConnection(Connection):
     def _program(
         self,
         peer: Peer,
-        rule_variables: list[tuple[bytes, bytes]],
+        rule_variables: Sequence[tuple[bytes, bytes]],
         limit_variables: list[tuple[bytes, bytes | None]],
         relay: Relay | None,
     ) -> None:
@@ -267,7 +268,7 @@ class TLSConnection(Connection):
 
     # -- -n: UCSPI-TLS ------------------------------------------------------------------------
 
-    def _start_program_plain(self, rule_variables: list[tuple[bytes, bytes]]) -> None:
+    def _start_program_plain(self, rule_variables: Sequence[tuple[bytes, bytes]]) -> None:
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as error:
