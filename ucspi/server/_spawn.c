@@ -23,6 +23,9 @@
 #include <sys/eventfd.h>
 #include <sys/wait.h>
 #include <pthread.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <stdint.h>
 #include <unistd.h>
 
@@ -759,6 +762,67 @@ configure(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(accept_batch_doc,
+"accept_batch(fd, most) -> (clients, errno)\n\n"
+"Up to most connections accepted from the listening socket fd: clients as socket._accept() gives\n"
+"them ((fd, address), close-on-exec, blocking); errno 0 when the queue is empty, else the error\n"
+"that ended the batch. No exception for the empty queue: one such call per wakeup.");
+
+static PyObject *
+client_address(const struct sockaddr_storage *address)
+{
+    char text[INET6_ADDRSTRLEN];
+
+    /* What CPython's makesockaddr gives: inet_ntop's text, the port, and for IPv6 the flow
+     * information and the scope id. */
+    if (address->ss_family == AF_INET) {
+        const struct sockaddr_in *v4 = (const struct sockaddr_in *)address;
+        if (inet_ntop(AF_INET, &v4->sin_addr, text, sizeof text) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(si)", text, ntohs(v4->sin_port));
+    }
+    if (address->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)address;
+        if (inet_ntop(AF_INET6, &v6->sin6_addr, text, sizeof text) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(siII)", text, ntohs(v6->sin6_port), ntohl(v6->sin6_flowinfo), v6->sin6_scope_id);
+    }
+    PyErr_SetString(PyExc_OSError, "accept_batch: not an IP socket");
+    return NULL;
+}
+
+static PyObject *
+accept_batch(PyObject *module, PyObject *args)
+{
+    int listener, most, fd, error = 0;
+    PyObject *clients, *client;
+
+    if (!PyArg_ParseTuple(args, "ii:accept_batch", &listener, &most))
+        return NULL;
+    if ((clients = PyList_New(0)) == NULL)
+        return NULL;
+    while (PyList_GET_SIZE(clients) < most) {
+        struct sockaddr_storage address;
+        socklen_t length = sizeof address;
+        fd = accept4(listener, (struct sockaddr *)&address, &length, SOCK_CLOEXEC);
+        if (fd == -1) {
+            if (errno == EINTR)
+                continue;
+            error = errno == EAGAIN || errno == EWOULDBLOCK ? 0 : errno;
+            break;
+        }
+        client = client_address(&address);
+        if (client == NULL || (client = Py_BuildValue("(iN)", fd, client)) == NULL || PyList_Append(clients, client) < 0) {
+            Py_XDECREF(client);
+            close(fd); /* never a descriptor nobody holds */
+            Py_DECREF(clients);
+            return NULL;
+        }
+        Py_DECREF(client);
+    }
+    return Py_BuildValue("(Ni)", clients, error);
+}
+
 PyDoc_STRVAR(set_name_doc, "set_name(name): the process's name as ps and pgrep see it (prctl PR_SET_NAME).");
 
 static PyObject *
@@ -782,6 +846,7 @@ static PyMethodDef methods[] = {
     {"signal_all", signal_all, METH_VARARGS, signal_all_doc},
     {"configure", configure, METH_VARARGS, configure_doc},
     {"set_name", set_name, METH_O, set_name_doc},
+    {"accept_batch", accept_batch, METH_VARARGS, accept_batch_doc},
     {NULL, NULL, 0, NULL},
 };
 

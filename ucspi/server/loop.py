@@ -36,7 +36,7 @@ from ucspi.server.log import Draining, Exiting, Fatal, Log, SignalTaken, StatSum
 from ucspi.server.notify import Notifier
 from ucspi.server.options import ServerOptions
 from ucspi.server.peer import PeerFacts
-from ucspi.server.spawn import Environment, Spawner, first_values
+from ucspi.server.spawn import USE_EXTENSION, Environment, Spawner, _extension, first_values
 from ucspi.server.status import StatusSocket, client_lines, json_lines
 
 # Accepting several clients per wakeup saves a poll round trip each under load.
@@ -49,6 +49,23 @@ DEFAULT_DRAIN_SECONDS = 30.0
 KILL_AFTER_SECONDS = 2.0
 # After the KILL: the reaper's moment to give each program its end line, should one linger.
 _REAP_GRACE_SECONDS = 1.0
+
+
+def _accept_batch(listener: socket.socket, most: int) -> tuple[list[tuple[int, tuple]], int]:
+    """Up to most clients, each (descriptor, address); the errno that ended the batch, 0 for none
+    waiting. The extension's takes them without raising for the empty queue."""
+    if USE_EXTENSION:
+        return _extension.accept_batch(listener.fileno(), most)
+    accepted: list[tuple[int, tuple]] = []
+    while len(accepted) < most:
+        try:
+            # The raw descriptor: a socket object would cost a getsockname (CPython checks the fd).
+            accepted.append(listener._accept())
+        except BlockingIOError:
+            return accepted, 0
+        except OSError as error:
+            return accepted, error.errno or 0
+    return accepted, 0
 
 
 def _fixed_local(bound: tuple) -> tuple | None:
@@ -279,27 +296,23 @@ class Server:
 
     def _accept_clients(self, listener: socket.socket, fixed_local: tuple | None) -> None:
         # Everything waiting is accepted first: a client found alone may be spawned inline.
-        accepted = []
-        for _ in range(_ACCEPT_BATCH):
-            if not self._can_accept():
-                self._pause()
-                break
-            try:
-                # The raw descriptor: a socket object would cost a getsockname (CPython checks the fd).
-                accepted.append(listener._accept())
-            except BlockingIOError:
-                break
-            except OSError as error:
-                if error.errno in _RESOURCE_ERRORS:
-                    self._pause()
-                    self._backing_off = True
-                    self.loop.call_later(_ACCEPT_BACKOFF_SECONDS, self._end_backoff)
-                break
+        if not self._can_accept():
+            self._pause()
+            return
+        # The slots bound the batch; nothing else _can_accept asks changes while it is taken.
+        accepted, error = _accept_batch(listener, min(_ACCEPT_BATCH, self.limit - self.slots_taken))
+        if error in _RESOURCE_ERRORS:
+            self._pause()
+            self._backing_off = True
+            self.loop.call_later(_ACCEPT_BACKOFF_SECONDS, self._end_backoff)
+        for client in accepted:
             self.slots_taken += 1
             if self.log.accepts:  # structured modes at -v only: nothing built otherwise
-                self._log_accept(*accepted[-1], fixed_local)
+                self._log_accept(*client, fixed_local)
             self.accepted += 1
             self._slots_changed()
+        if not self._can_accept():
+            self._pause()
         self.children.alone = len(accepted) == 1
         for index, (fd, remote) in enumerate(accepted):
             # Each connection owns its slot from here on; a fault while starting one drops only it.
