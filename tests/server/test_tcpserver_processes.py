@@ -85,3 +85,28 @@ def test_program_sees_the_connection_stderr_and_inherited_descriptors() -> None:
     assert outcome.replies == [b"ping\n"]
     extra = outcome.facts["extra"]
     assert outcome.facts["descriptors"] == {0: "connection", 1: "connection", 2: "pipe:", extra: "/dev/null"}
+
+
+def test_a_child_the_server_had_before_it_was_tcpserver_is_reaped_and_ends_stay_right() -> None:
+    """`sh -c 'sleep 1 & exec tcpserver ...'`: the sleep is the server's child too, known to no
+    spawn. Its end, amid the programs', is reaped (no zombie is left) and holds up no program's."""
+    import time
+
+    from serverproc import start_server, talk
+    from serverstate import children, in_threads, wait_idle
+
+    limit = 20
+    program = ["/bin/sh", "-c", "sleep 0.1; echo ok"]
+    wrapper = ["/bin/sh", "-c", 'sleep 1 & exec "$0" "$@"']
+    with start_server(OUR_SERVER.command, ["-v", "-HRl0", "-c", str(limit)], program, wrapper=wrapper) as server:
+        assert any(state != "Z" for _pid, state in children(server.pid))  # the sleep, before its end
+        served = 0
+        deadline = time.monotonic() + 2.5  # clients before, across and after the sleep's end
+        while time.monotonic() < deadline:
+            assert in_threads(10, lambda _index: talk(server.port, timeout=10)) == [b"ok\n"] * 10
+            served += 10
+        wait_idle(server, limit, timeout=10)
+        assert children(server.pid) == []
+        ends = [line for line in server.log() if line.startswith(b"tcpserver: end ")]
+        assert len(ends) == served
+        assert all(line.endswith(b" status 0") for line in ends)

@@ -149,18 +149,19 @@ clone_child(child_job *job, int *clone_errno)
     return pid;
 }
 
-/* -- the engine: spawning threads, the reaper, and the events the loop takes ------------------
+/* -- the engine: spawning threads, reaping, and the events the loop takes ---------------------
  *
  * The loop hands a job over (submit) and goes on; a spawning thread clones, registers the pid
- * and queues the answer; the reaper thread waits for ended children and queues their ends. The
- * loop takes every queued event at once (take), woken by an eventfd: no GIL, no Python and no
- * wake-up per client in between.
+ * and queues the answer, and an eventfd wakes the loop, which takes every queued event at once
+ * (take): no GIL, no Python and no wake-up per client in between. The loop reaps (reap, on
+ * SIGCHLD and at each take): no thread of its own to wake per program that ends.
  *
- * Only the reaper reaps. A child whose exec failed is registered too, as failed: the reaper
- * reaps it without an event. A zombie nobody registered may be the child of a clone that has
- * not returned yet: each spawner's window (odd while it is between clone and registration) is
- * noted, and the reaper waits until every window open at that moment has closed. The zombie is
- * then registered, or it was never ours (a child the process had before it was tcpserver).
+ * Only reap reaps. A child whose exec failed is registered too, as failed: it is reaped without
+ * an event. A zombie nobody registered may be the child of a clone that has not returned yet:
+ * each spawner's window (odd while it is between clone and registration) is noted, the round
+ * stops there, and the next round after every window noted has closed decides: the zombie is
+ * registered by then, or it was never ours (a child the process had before it was tcpserver).
+ * The spawner that closes a window while a round waits for one wakes the loop.
  */
 
 enum { EVENT_SPAWNED, EVENT_EXEC_FAILED, EVENT_FORK_FAILED, EVENT_ENDED };
@@ -193,20 +194,21 @@ static struct {
     int broken; /* an event could not be queued: the server must exit */
     pthread_mutex_t lock;
     pthread_cond_t job_ready; /* the spawning threads wait on it */
-    pthread_cond_t changed;   /* the reaper waits on it: a window closed, a child registered */
     queued_job *head, *tail;
     engine_event *events, *spare;
     size_t event_count, event_capacity, spare_capacity;
     int wake_pending;
     int wake_fd;
     pid_entry *buckets[PID_BUCKETS];
-    unsigned long generation;       /* bumped whenever a window closes */
     unsigned long window[MAX_SPAWNERS]; /* odd: that spawner is between clone and registration */
+    int reap_wanted;                /* a round stopped at a zombie nobody registered: */
+    pid_t suspect;                  /* that zombie, */
+    unsigned long noted[MAX_SPAWNERS]; /* and the windows as they were then */
     int spawners;                   /* the loop's own is the last */
     char **candidates;
     Py_ssize_t candidate_count;
     char **argv;
-} engine = {.lock = PTHREAD_MUTEX_INITIALIZER, .job_ready = PTHREAD_COND_INITIALIZER, .changed = PTHREAD_COND_INITIALIZER, .wake_fd = -1};
+} engine = {.lock = PTHREAD_MUTEX_INITIALIZER, .job_ready = PTHREAD_COND_INITIALIZER, .wake_fd = -1};
 
 static pid_entry **
 bucket_of(pid_t pid)
@@ -287,17 +289,21 @@ spawn_registered(int slot, long long token, child_job *job, int queue_answer, in
         entry = NULL;
     }
     __atomic_add_fetch(&engine.window[slot], 1, __ATOMIC_SEQ_CST); /* closed: even */
-    engine.generation++;
-    pthread_cond_broadcast(&engine.changed);
+    if (engine.reap_wanted) {
+        /* A round stopped at a zombie that may be this clone's: the loop's next take reaps. */
+        engine.reap_wanted = 0;
+        wake = !engine.wake_pending;
+        engine.wake_pending = 1;
+    }
 answer:
     *failure = pid == -1 ? clone_errno : job->exec_errno;
     if (queue_answer) {
         if (pid == -1)
-            wake = push_event(EVENT_FORK_FAILED, token, clone_errno);
+            wake |= push_event(EVENT_FORK_FAILED, token, clone_errno);
         else if (job->exec_errno)
-            wake = push_event(EVENT_EXEC_FAILED, token, job->exec_errno);
+            wake |= push_event(EVENT_EXEC_FAILED, token, job->exec_errno);
         else
-            wake = push_event(EVENT_SPAWNED, token, pid);
+            wake |= push_event(EVENT_SPAWNED, token, pid);
     }
     pthread_mutex_unlock(&engine.lock);
     free(entry);
@@ -338,73 +344,68 @@ spawning_thread(void *argument)
 }
 
 static int
-windows_still_open(const unsigned long *noted)
+noted_windows_open(void)
 {
     int i;
     for (i = 0; i < engine.spawners; i++)
-        if ((noted[i] & 1) && __atomic_load_n(&engine.window[i], __ATOMIC_SEQ_CST) == noted[i])
+        if ((engine.noted[i] & 1) && __atomic_load_n(&engine.window[i], __ATOMIC_SEQ_CST) == engine.noted[i])
             return 1;
     return 0;
 }
 
-static void *
-reaping_thread(void *argument)
-{
-    unsigned long noted[MAX_SPAWNERS];
-    (void)argument;
+PyDoc_STRVAR(reap_doc,
+"reap()\n\n"
+"Reap every ended program the engine registered, each end queued for take(); never waits.");
 
-    block_every_signal();
+static PyObject *
+reap(PyObject *module, PyObject *unused)
+{
+    int i;
+
+    if (!engine.started)
+        Py_RETURN_NONE;
+    pthread_mutex_lock(&engine.lock);
+    engine.reap_wanted = 0;
     for (;;) {
         siginfo_t info;
         pid_entry *entry, **link;
-        int status, wake = 0, i;
-        unsigned long generation;
+        int status;
 
-        pthread_mutex_lock(&engine.lock);
-        generation = engine.generation;
-        pthread_mutex_unlock(&engine.lock);
         memset(&info, 0, sizeof info);
-        if (waitid(P_ALL, 0, &info, WEXITED | WNOWAIT) == -1) {
+        if (waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) == -1) {
             if (errno == EINTR)
                 continue;
-            pthread_mutex_lock(&engine.lock);
-            if (errno == ECHILD) {
-                /* No child at all: until a spawn has been made. */
-                while (engine.generation == generation)
-                    pthread_cond_wait(&engine.changed, &engine.lock);
-                pthread_mutex_unlock(&engine.lock);
-            }
-            else {
-                pthread_mutex_unlock(&engine.lock);
-                usleep(100000); /* never given up: ended programs hold their slots */
-            }
-            continue;
+            break; /* ECHILD: no child at all */
         }
         if (info.si_pid <= 0)
-            continue;
-        pthread_mutex_lock(&engine.lock);
+            break; /* none has ended */
         entry = find_registered(info.si_pid, &link);
         if (entry == NULL) {
-            for (i = 0; i < engine.spawners; i++)
-                noted[i] = __atomic_load_n(&engine.window[i], __ATOMIC_SEQ_CST);
-            while (windows_still_open(noted))
-                pthread_cond_wait(&engine.changed, &engine.lock);
-            entry = find_registered(info.si_pid, &link);
+            if (engine.suspect != info.si_pid) {
+                /* Perhaps a clone's whose spawner has not registered it yet: decided once every
+                 * window open now has closed. */
+                engine.suspect = info.si_pid;
+                for (i = 0; i < engine.spawners; i++)
+                    engine.noted[i] = __atomic_load_n(&engine.window[i], __ATOMIC_SEQ_CST);
+            }
+            if (noted_windows_open()) {
+                engine.reap_wanted = 1; /* the spawner closing one wakes the loop */
+                break;
+            }
+            /* Not ours (its spawner would have registered it): reaped, nobody told. */
         }
-        /* A zombie now: waitpid returns at once. */
+        engine.suspect = 0;
         while (waitpid(info.si_pid, &status, 0) == -1 && errno == EINTR)
             ;
         if (entry != NULL) {
             *link = entry->next;
             if (!entry->failed)
-                wake = push_event(EVENT_ENDED, entry->token, status);
+                push_event(EVENT_ENDED, entry->token, status); /* the caller takes them next */
+            free(entry);
         }
-        pthread_mutex_unlock(&engine.lock);
-        free(entry);
-        if (wake)
-            wake_loop();
     }
-    return NULL;
+    pthread_mutex_unlock(&engine.lock);
+    Py_RETURN_NONE;
 }
 
 /* A NULL-terminated copy of a sequence of bytes (malloc'd: the engine keeps it for good). */
@@ -448,7 +449,7 @@ copied_strings(PyObject *sequence, Py_ssize_t *count_out)
 
 PyDoc_STRVAR(start_engine_doc,
 "start_engine(candidates, argv, threads) -> fd\n\n"
-"Start the spawning threads and the reaper for the program argv, run from the first of candidates\n"
+"Start the spawning threads for the program argv, run from the first of candidates\n"
 "(paths, in PATH order) that execve takes. fd becomes readable when take() has events. Once.");
 
 static PyObject *
@@ -485,8 +486,7 @@ start_engine(PyObject *module, PyObject *args)
     pthread_attr_init(&attributes);
     pthread_attr_setstacksize(&attributes, ENGINE_THREAD_STACK);
     pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
-    error = pthread_create(&thread, &attributes, reaping_thread, NULL);
-    for (i = 0; error == 0 && i < threads; i++)
+    for (i = 0, error = 0; error == 0 && i < threads; i++)
         error = pthread_create(&thread, &attributes, spawning_thread, (void *)(intptr_t)i);
     pthread_attr_destroy(&attributes);
     if (error != 0) {
@@ -843,6 +843,7 @@ static PyMethodDef methods[] = {
     {"submit", submit, METH_VARARGS, submit_doc},
     {"spawn_now", spawn_now, METH_VARARGS, spawn_now_doc},
     {"take", take, METH_NOARGS, take_doc},
+    {"reap", reap, METH_NOARGS, reap_doc},
     {"signal_all", signal_all, METH_VARARGS, signal_all_doc},
     {"configure", configure, METH_VARARGS, configure_doc},
     {"set_name", set_name, METH_O, set_name_doc},

@@ -1,8 +1,8 @@
 """The programs: started, known by pid, reaped. Two ways, one interface (make_children):
 
-- EngineChildren, where the C extension is built: its engine's threads spawn (clone-vfork) and
-  reap without the GIL, and the loop takes their answers and the programs' ends in batches,
-  woken by one eventfd (ucspi/server/_spawn.c says how it reaps safely);
+- EngineChildren, where the C extension is built: its engine's threads spawn (clone-vfork)
+  without the GIL, and the loop takes their answers in batches, woken by one eventfd; it reaps
+  in C at each SIGCHLD (ucspi/server/_spawn.c says how it reaps safely);
 - Children, the fallback: glibc's posix_spawn through ctypes (Spawner.spawn), inline or from
   Python worker threads, reaped on SIGCHLD.
 
@@ -250,15 +250,23 @@ class EngineChildren:
         self.waiting = 0  # handed to the engine's threads, not answered yet
         self.alone = False  # set by the loop: the last wakeup found one client only
         self._events: collections.deque[tuple[int, int, int]] = collections.deque()
-        # A program's end is seen by waitid in the reaper: SIGCHLD must not be ignored (an
-        # inherited SIG_IGN would have the kernel reap every program unseen).
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self._loop = loop
+        self._take_scheduled = False
         try:
             wake_fd = _extension.start_engine(spawner.candidates, spawner.argv, threads)
         except Exception as error:  # a server that cannot spawn cannot serve
             on_fatal(b"unable to start a spawning thread: " + type(error).__name__.encode())
             return
         loop.add_reader(wake_fd, self._take_events)
+        # Reaping is a round on the loop at each SIGCHLD (an inherited SIG_IGN is replaced: the
+        # kernel would reap every program unseen), as the fallback's.
+        signal.signal(signal.SIGCHLD, self._on_sigchld)
+
+    def _on_sigchld(self, _signal: int, _frame: object) -> None:
+        # Python runs handlers on the main thread, the loop's: no wake-up write is needed.
+        if not self._take_scheduled:
+            self._take_scheduled = True
+            self._loop.call_soon(self._take_events)
 
     @property
     def can_take_more(self) -> bool:
@@ -285,8 +293,10 @@ class EngineChildren:
         self.waiting += 1
 
     def _take_events(self) -> None:
+        self._take_scheduled = False  # a SIGCHLD from now on schedules another round
         events = self._events
         try:
+            _extension.reap()  # never waits: the ends it finds are taken with the rest
             events.extend(_extension.take())
         except MemoryError:  # an event lost: a slot would never come back
             self._on_fatal(b"unable to spawn: out of memory")
@@ -335,6 +345,6 @@ def make_children(
         return EngineChildren(loop, spawner, on_fatal, on_change, on_error)
     children = Children(loop, spawner, on_fatal, on_change, on_error)
     # uvloop refuses add_signal_handler(SIGCHLD), but a plain handler works; it only schedules
-    # a waitpid(WNOHANG) round on the loop, so no descriptor per child.
+    # a waitpid(WNOHANG) round on the loop, so no descriptor per child (EngineChildren's too).
     signal.signal(signal.SIGCHLD, children.on_sigchld)
     return children
