@@ -21,6 +21,7 @@
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/eventfd.h>
+#include <sys/signalfd.h>
 #include <sys/wait.h>
 #include <pthread.h>
 #include <arpa/inet.h>
@@ -199,6 +200,7 @@ static struct {
     size_t event_count, event_capacity, spare_capacity;
     int wake_pending;
     int wake_fd;
+    int child_signal_fd; /* SIGCHLD as a descriptor; -1 until child_signal_fd() */
     pid_entry *buckets[PID_BUCKETS];
     unsigned long window[MAX_SPAWNERS]; /* odd: that spawner is between clone and registration */
     int reap_wanted;                /* a round stopped at a zombie nobody registered: */
@@ -208,7 +210,7 @@ static struct {
     char **candidates;
     Py_ssize_t candidate_count;
     char **argv;
-} engine = {.lock = PTHREAD_MUTEX_INITIALIZER, .job_ready = PTHREAD_COND_INITIALIZER, .wake_fd = -1};
+} engine = {.lock = PTHREAD_MUTEX_INITIALIZER, .job_ready = PTHREAD_COND_INITIALIZER, .wake_fd = -1, .child_signal_fd = -1};
 
 static pid_entry **
 bucket_of(pid_t pid)
@@ -357,6 +359,25 @@ PyDoc_STRVAR(reap_doc,
 "reap()\n\n"
 "Reap every ended program the engine registered, each end queued for take(); never waits.");
 
+PyDoc_STRVAR(child_signal_fd_doc,
+"child_signal_fd() -> fd\n\n"
+"A signalfd for SIGCHLD, readable when a child has ended (for threads that block SIGCHLD: the\n"
+"caller blocks it); reap() empties it. The same descriptor at every call.");
+
+static PyObject *
+child_signal_fd(PyObject *module, PyObject *unused)
+{
+    sigset_t child;
+
+    if (engine.child_signal_fd == -1) {
+        sigemptyset(&child);
+        sigaddset(&child, SIGCHLD);
+        if ((engine.child_signal_fd = signalfd(-1, &child, SFD_NONBLOCK | SFD_CLOEXEC)) == -1)
+            return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(engine.child_signal_fd);
+}
+
 static PyObject *
 reap(PyObject *module, PyObject *unused)
 {
@@ -364,6 +385,12 @@ reap(PyObject *module, PyObject *unused)
 
     if (!engine.started)
         Py_RETURN_NONE;
+    if (engine.child_signal_fd != -1) {
+        /* Emptied first: a child that ends from here on makes it readable again. */
+        struct signalfd_siginfo taken[8];
+        while (read(engine.child_signal_fd, taken, sizeof taken) > 0)
+            ;
+    }
     pthread_mutex_lock(&engine.lock);
     engine.reap_wanted = 0;
     for (;;) {
@@ -844,6 +871,7 @@ static PyMethodDef methods[] = {
     {"spawn_now", spawn_now, METH_VARARGS, spawn_now_doc},
     {"take", take, METH_NOARGS, take_doc},
     {"reap", reap, METH_NOARGS, reap_doc},
+    {"child_signal_fd", child_signal_fd, METH_NOARGS, child_signal_fd_doc},
     {"signal_all", signal_all, METH_VARARGS, signal_all_doc},
     {"configure", configure, METH_VARARGS, configure_doc},
     {"set_name", set_name, METH_O, set_name_doc},

@@ -259,8 +259,16 @@ class EngineChildren:
             return
         loop.add_reader(wake_fd, self._take_events)
         # Reaping is a round on the loop at each SIGCHLD (an inherited SIG_IGN is replaced: the
-        # kernel would reap every program unseen), as the fallback's.
+        # kernel would reap every program unseen). Blocked here, it comes as a readable signalfd:
+        # one read per batch of ends, no signal frame, no Python handler. The handler stays for
+        # a thread that has it unblocked (started before this; every thread of ours blocks it).
         signal.signal(signal.SIGCHLD, self._on_sigchld)
+        try:
+            child_signal_fd = _extension.child_signal_fd()
+        except OSError:  # no signalfd: the handler does it all
+            return
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        loop.add_reader(child_signal_fd, self._take_events)
 
     def _on_sigchld(self, _signal: int, _frame: object) -> None:
         # Python runs handlers on the main thread, the loop's: no wake-up write is needed.
