@@ -203,6 +203,7 @@ static struct {
     int child_signal_fd; /* SIGCHLD as a descriptor; -1 until child_signal_fd() */
     pid_entry *buckets[PID_BUCKETS];
     unsigned long window[MAX_SPAWNERS]; /* odd: that spawner is between clone and registration */
+    int reap_due;                   /* take() reaps first: a window the round waited for closed */
     int reap_wanted;                /* a round stopped at a zombie nobody registered: */
     pid_t suspect;                  /* that zombie, */
     unsigned long noted[MAX_SPAWNERS]; /* and the windows as they were then */
@@ -294,6 +295,7 @@ spawn_registered(int slot, long long token, child_job *job, int queue_answer, in
     if (engine.reap_wanted) {
         /* A round stopped at a zombie that may be this clone's: the loop's next take reaps. */
         engine.reap_wanted = 0;
+        engine.reap_due = 1;
         wake = !engine.wake_pending;
         engine.wake_pending = 1;
     }
@@ -378,13 +380,11 @@ child_signal_fd(PyObject *module, PyObject *unused)
     return PyLong_FromLong(engine.child_signal_fd);
 }
 
-static PyObject *
-reap(PyObject *module, PyObject *unused)
+static void
+reap_round(void)
 {
     int i;
 
-    if (!engine.started)
-        Py_RETURN_NONE;
     if (engine.child_signal_fd != -1) {
         /* Emptied first: a child that ends from here on makes it readable again. */
         struct signalfd_siginfo taken[8];
@@ -393,6 +393,7 @@ reap(PyObject *module, PyObject *unused)
     }
     pthread_mutex_lock(&engine.lock);
     engine.reap_wanted = 0;
+    engine.reap_due = 0;
     for (;;) {
         siginfo_t info;
         pid_entry *entry, **link;
@@ -432,6 +433,13 @@ reap(PyObject *module, PyObject *unused)
         }
     }
     pthread_mutex_unlock(&engine.lock);
+}
+
+static PyObject *
+reap(PyObject *module, PyObject *unused)
+{
+    if (engine.started)
+        reap_round();
     Py_RETURN_NONE;
 }
 
@@ -657,7 +665,7 @@ spawn_now(PyObject *module, PyObject *args)
 
 PyDoc_STRVAR(take_doc,
 "take() -> [(kind, token, value), ...]\n\n"
-"Every event queued since the last call, in order: (0, token, pid) spawned, (1, token, errno)\n"
+"Every event queued since the last call (after a reap, when a round waited for a spawn), in order: (0, token, pid) spawned, (1, token, errno)\n"
 "the exec failed, (2, token, errno) no child (clone failed), (3, token, wait status) ended.\n"
 "A spawn's answer always comes before its program's end.");
 
@@ -669,8 +677,15 @@ take(PyObject *module, PyObject *unused)
     size_t count, capacity, i;
     PyObject *list;
 
+    int reap_due;
+
     if (!engine.started)
         return PyList_New(0);
+    pthread_mutex_lock(&engine.lock);
+    reap_due = engine.reap_due;
+    pthread_mutex_unlock(&engine.lock);
+    if (reap_due)
+        reap_round();
     /* Read first: an event queued from here on writes the eventfd again. */
     if (read(engine.wake_fd, &counter, sizeof counter) == -1 && errno != EAGAIN && errno != EINTR)
         return PyErr_SetFromErrno(PyExc_OSError);

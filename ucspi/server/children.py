@@ -257,7 +257,7 @@ class EngineChildren:
         except Exception as error:  # a server that cannot spawn cannot serve
             on_fatal(b"unable to start a spawning thread: " + type(error).__name__.encode())
             return
-        loop.add_reader(wake_fd, self._take_events)
+        loop.add_reader(wake_fd, self._take_events, False)
         # Reaping is a round on the loop at each SIGCHLD (an inherited SIG_IGN is replaced: the
         # kernel would reap every program unseen). Blocked here, it comes as a readable signalfd:
         # one read per batch of ends, no signal frame, no Python handler. The handler stays for
@@ -268,13 +268,13 @@ class EngineChildren:
         except OSError:  # no signalfd: the handler does it all
             return
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-        loop.add_reader(child_signal_fd, self._take_events)
+        loop.add_reader(child_signal_fd, self._take_events, True)
 
     def _on_sigchld(self, _signal: int, _frame: object) -> None:
         # Python runs handlers on the main thread, the loop's: no wake-up write is needed.
         if not self._take_scheduled:
             self._take_scheduled = True
-            self._loop.call_soon(self._take_events)
+            self._loop.call_soon(self._take_events, True)
 
     @property
     def can_take_more(self) -> bool:
@@ -300,11 +300,14 @@ class EngineChildren:
         self._connections[token] = connection
         self.waiting += 1
 
-    def _take_events(self) -> None:
-        self._take_scheduled = False  # a SIGCHLD from now on schedules another round
+    def _take_events(self, reap: bool) -> None:
+        """reap: a child has ended (SIGCHLD); take() itself reaps when a round waits for a spawn."""
+        if reap:
+            self._take_scheduled = False  # a SIGCHLD from now on schedules another round
         events = self._events
         try:
-            _extension.reap()  # never waits: the ends it finds are taken with the rest
+            if reap:
+                _extension.reap()  # never waits: the ends it finds are taken with the rest
             events.extend(_extension.take())
         except MemoryError:  # an event lost: a slot would never come back
             self._on_fatal(b"unable to spawn: out of memory")
@@ -319,7 +322,7 @@ class EngineChildren:
                     self._on_error(error)
         finally:
             if events:  # left by a BaseException: heard next round
-                asyncio.get_running_loop().call_soon(self._take_events)
+                asyncio.get_running_loop().call_soon(self._take_events, False)
             self._on_change()
 
     def _answer(self, kind: int, token: int, value: int) -> None:
