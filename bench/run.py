@@ -25,9 +25,9 @@ bench/loadgen.c and the floor from bench/floor.c, both compiled here with gcc. R
 stdout and to bench/results/latest.md (or --output).
 
 --baseline=COMMIT adds that commit's server as one more contestant in the same rounds. Its tree
-is extracted with `git archive` into the scratch directory (removed at the end) and run by our
-interpreter with its own `ucspi` package first on sys.path; the report then also gives ours /
-baseline, flagged when ours falls below 0.95x the baseline.
+is extracted with `git archive` into the scratch directory (removed at the end), its C extension
+built there, and run by our interpreter with its own `ucspi` package first on sys.path; the
+report then also gives ours / baseline, flagged when ours falls below 0.95x the baseline.
 
 Usage: .venv/bin/python bench/run.py [--rounds N] [--quick] [--rss] [--baseline COMMIT] [--output FILE]
 """
@@ -525,6 +525,12 @@ def extract_baseline(sha: str, work: Path) -> tuple[Path, str]:
         archive.stdout.close()
         if archive.wait() != 0:
             raise RuntimeError(f"git archive {sha} failed")
+    if (tree / "setup.py").exists():
+        # Its own C extension, as `make` would build it: else the baseline would spawn through the
+        # fallback, and the comparison would be of the spawn paths. Without a compiler it does.
+        subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, capture_output=True, check=False
+        )
     launcher = tree / ".bench" / "tcpserver"  # named tcpserver: the server takes its log prefix from argv[0]
     launcher.parent.mkdir()
     launcher.write_text(baseline_launcher_text(tree, *tcpserver_entry_point(tree)))
@@ -670,8 +676,12 @@ def first_byte_table(results: dict[str, list[LoadResult]], names: Sequence[str])
 
 def spawn_path() -> str:
     """What our tcpserver says of itself (issue 10: --version names the spawn path in use)."""
+    return server_version(OURS)
+
+
+def server_version(server: str) -> str:
     try:
-        shown = subprocess.run([OURS, "--version"], capture_output=True, text=True, timeout=30, check=False)
+        shown = subprocess.run([server, "--version"], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"(tcpserver --version failed: {error})"
     said = " ".join((shown.stdout + shown.stderr).split())
@@ -770,7 +780,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "",
                 f"Baseline: `{described}` (`--baseline={arguments.baseline}`), extracted with git archive and "
                 f"run by the same interpreter as ours, importing its own package "
-                f"(`{Path(module_file).relative_to(work)}` in the scratch tree); ours is {working_tree_state()}. "
+                f"(`{Path(module_file).relative_to(work)}` in the scratch tree; it says "
+                f"`{server_version(str(launcher))}`); ours is {working_tree_state()}. "
                 f"A row where ours falls below {BASELINE_FLOOR:.2f}× the baseline is flagged **below**.",
             )
         loadgen = build_loadgen(work)
