@@ -6,14 +6,13 @@
 - Children, the fallback: glibc's posix_spawn through ctypes (Spawner.spawn), inline or from
   Python worker threads, reaped on SIGCHLD.
 
-Children's reaper reaps only what a spawn registered. Either path reaps its own child when the exec
-fails (the extension before its call returns, glibc inside posix_spawn); a waitpid(-1) running
-meanwhile could take that child first, and the pid would later name someone else's program. So
-the reaper looks at each ended child first (waitid with WNOWAIT) and reaps it only when its pid
-was registered, under the same lock, by the spawn that made it. A child nobody registered while
-a spawn is in flight stops the round: it belongs to a spawn still in flight (its pid not
-registered yet, or a failed child its spawn reaps), and that spawn, once over, runs the round
-again. Nothing ever waits: not the loop, not the spawns.
+Children's reaper reaps only what a spawn registered. glibc's posix_spawn reaps its own child
+when the exec fails; a waitpid(-1) running meanwhile could take that child first, and the pid
+would later name someone else's program. So the reaper looks at each ended child first (waitid
+with WNOWAIT) and reaps it only when its pid was registered, under the same lock, by the spawn
+that made it. A child nobody registered while a spawn is in flight stops the round: it belongs
+to a spawn still in flight (its pid not registered yet, or a failed child its spawn reaps), and
+that spawn, once over, runs the round again. Nothing ever waits: not the loop, not the spawns.
 """
 
 from __future__ import annotations
@@ -45,7 +44,29 @@ MAX_WAITING_SPAWNS = 16
 _REAP_RETRY_SECONDS = 0.1
 
 
-class Children:
+class _Programs:
+    """What the loop sees of either way: start, signal_all, and whether to accept more now."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_fatal: Callable[[bytes], None],
+        on_change: Callable[[], None],
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        self._loop = loop
+        self._on_fatal = on_fatal  # the server cannot spawn any more: it exits
+        self._on_error = on_error  # a fault no connection owns: said, and the server goes on
+        self._on_change = on_change  # a spawn was answered: accepting may resume
+        self.waiting = 0  # connections handed to the threads and not answered yet
+        self.alone = False  # set by the loop: the last wakeup found one client only
+
+    @property
+    def can_take_more(self) -> bool:
+        return self.waiting < MAX_WAITING_SPAWNS
+
+
+class Children(_Programs):
     """pid -> connection for every running program, the spawns in flight and the reaper."""
 
     def __init__(
@@ -57,28 +78,19 @@ class Children:
         on_error: Callable[[BaseException], None],
         threads: int = SPAWN_THREADS,
     ) -> None:
-        self._loop = loop
+        super().__init__(loop, on_fatal, on_change, on_error)
         self._spawner = spawner
-        self._on_fatal = on_fatal
-        self._on_error = on_error  # a fault no connection owns: said, and the server goes on
-        self._on_change = on_change  # a spawn thread became free: accepting may resume
         self._running: dict[int, Connection] = {}
         self._table = threading.Lock()  # the pid table and the count of spawns in flight
         self._spawning = 0  # Spawner.spawn calls in flight, inline or in threads
         self._reap_wanted = False
         self._reap_scheduled = False
-        self.waiting = 0  # connections handed to the threads and not answered yet
-        self.alone = False  # set by the loop: the last wakeup found one client only
         self._jobs: queue.SimpleQueue[tuple[Connection, Sequence[bytes]]] = queue.SimpleQueue()
         # The threads' answers, taken on the loop in batches: one wake-up for all that are ready.
         self._answers: collections.deque[tuple[Connection, int, BaseException | None]] = collections.deque()
         self._answers_scheduled = False
         for _ in range(threads):
             self._start_worker()
-
-    @property
-    def can_take_more(self) -> bool:
-        return self.waiting < MAX_WAITING_SPAWNS
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -232,7 +244,7 @@ class Children:
 _SPAWNED, _EXEC_FAILED, _FORK_FAILED, _ENDED = 0, 1, 2, 3
 
 
-class EngineChildren:
+class EngineChildren(_Programs):
     """The extension's engine: the same interface as Children, without a Python thread or a
     signal handler per client."""
 
@@ -245,16 +257,11 @@ class EngineChildren:
         on_error: Callable[[BaseException], None],
         threads: int = ENGINE_SPAWN_THREADS,
     ) -> None:
-        self._on_fatal = on_fatal
-        self._on_change = on_change  # a spawn was answered: accepting may resume
-        self._on_error = on_error
+        super().__init__(loop, on_fatal, on_change, on_error)
         # token -> connection, from its spawn's start to its program's end (or its failure).
         self._connections: dict[int, Connection] = {}
         self._last_token = 0
-        self.waiting = 0  # handed to the engine's threads, not answered yet
-        self.alone = False  # set by the loop: the last wakeup found one client only
         self._events: collections.deque[tuple[int, int, int]] = collections.deque()
-        self._loop = loop
         self._take_scheduled = False
         try:
             wake_fd = _extension.start_engine(spawner.candidates, spawner.argv, threads)
@@ -279,10 +286,6 @@ class EngineChildren:
         if not self._take_scheduled:
             self._take_scheduled = True
             self._loop.call_soon(self._take_events, True)
-
-    @property
-    def can_take_more(self) -> bool:
-        return self.waiting < MAX_WAITING_SPAWNS
 
     def start(self, connection: Connection, environment: Sequence[bytes]) -> None:
         """Spawn the connection's program; the outcome comes back through connection.spawn_answered."""
@@ -315,8 +318,11 @@ class EngineChildren:
             events.extend(_extension.take())
         except MemoryError:  # an event lost: a slot would never come back
             self._on_fatal(b"unable to spawn: out of memory")
-        except Exception as error:  # nothing taken: the eventfd stays readable, the loop calls again
+        except Exception as error:
+            # Nothing taken; the ends a round queued wake nobody (the loop takes them itself,
+            # right after): tried again shortly, never left behind.
             self._on_error(error)
+            self._loop.call_later(_REAP_RETRY_SECONDS, self._take_events, True)
         try:
             while events:
                 kind, token, value = events.popleft()
@@ -326,7 +332,7 @@ class EngineChildren:
                     self._on_error(error)
         finally:
             if events:  # left by a BaseException: heard next round
-                asyncio.get_running_loop().call_soon(self._take_events, False)
+                self._loop.call_soon(self._take_events, False)
             self._on_change()
 
     def _answer(self, kind: int, token: int, value: int) -> None:
