@@ -75,8 +75,7 @@ def _drain_line(server: serverproc.ServerProcess) -> bytes:
 def test_alrm_drains_as_tcpserver_s_30_s_by_default_or_drain_s(
     tls_certs: Certificates, options: list[str], deadline: bytes
 ) -> None:
-    server = start_sslserver(["-v", "--log=logfmt", *options], ["/bin/cat"], tls_certs.environment())
-    try:
+    with start_sslserver(["-v", "--log=logfmt", *options], ["/bin/cat"], tls_certs.environment()) as server:
         with TlsClient(server.port, timeout=10) as client:
             client.handshake()
             client.send(b"ping\n")
@@ -86,14 +85,10 @@ def test_alrm_drains_as_tcpserver_s_30_s_by_default_or_drain_s(
             assert server.process.wait(5) == 0  # the listeners are closed: a new server may bind
             client.send(b"still\n")  # the session goes on meanwhile
             assert client.read_until(b"\n") == b"still\n"
-    finally:
-        if server.process.poll() is None:
-            server.stop()
 
 
 def test_alrm_s_deadline_ends_the_program_with_term(tls_certs: Certificates) -> None:
-    server = start_sslserver(["-v", "--drain=1"], ["/bin/cat"], tls_certs.environment())
-    try:
+    with start_sslserver(["-v", "--drain=1"], ["/bin/cat"], tls_certs.environment()) as server:
         with TlsClient(server.port, timeout=10) as client:
             client.handshake()
             started = time.monotonic()
@@ -101,14 +96,10 @@ def test_alrm_s_deadline_ends_the_program_with_term(tls_certs: Certificates) -> 
             assert client.read_all(timeout=8).how in ("close_notify", "eof")
             assert time.monotonic() - started < 6
         server.wait_for_log(r": end \d+ status 15$")  # the raw wait status: TERM
-    finally:
-        if server.process.poll() is None:
-            server.stop()
 
 
 def test_term_still_lets_the_sessions_run_to_their_end(tls_certs: Certificates) -> None:
-    server = start_sslserver(["-v", "--log=logfmt"], ["/bin/cat"], tls_certs.environment())
-    try:
+    with start_sslserver(["-v", "--log=logfmt"], ["/bin/cat"], tls_certs.environment()) as server:
         with TlsClient(server.port, timeout=10) as client:
             client.handshake()
             server.process.send_signal(signal.SIGTERM)
@@ -118,15 +109,11 @@ def test_term_still_lets_the_sessions_run_to_their_end(tls_certs: Certificates) 
             assert server.process.wait(5) == 0
             client.send(b"later\n")
             assert client.read_until(b"\n") == b"later\n"
-    finally:
-        if server.process.poll() is None:
-            server.stop()
 
 
 def test_n_the_wait_for_the_control_byte_is_bounded_by_w(tls_certs: Certificates) -> None:
     """UCSPI-TLS (README, sslserver, STARTTLS): a program that never says y, Y or EOF is not waited for past -w."""
-    server = start_sslserver(["-v", "-n", "-w", "1"], ["sleep", "30"], tls_certs.environment())
-    try:
+    with start_sslserver(["-v", "-n", "-w", "1"], ["sleep", "30"], tls_certs.environment()) as server:
         with serverproc.connect(server.port) as sock:
             started = time.monotonic()
             assert serverproc.read_to_eof(sock, 8) == b""  # the program got TERM: nothing holds the socket
@@ -134,14 +121,11 @@ def test_n_the_wait_for_the_control_byte_is_bounded_by_w(tls_certs: Certificates
         server.wait_for_log(r"^sslserver: warning: dropping connection, unable to speak SSL: timeout$")
         server.wait_for_log(r"^sslserver: end \d+ status 15$")
         server.wait_for_log(r"^sslserver: status: 0/40$", count=2)  # the slot is given back
-    finally:
-        server.stop()
 
 
 def test_n_a_program_that_asks_in_time_is_not_cut(tls_certs: Certificates, tmp_path: Path) -> None:
     """-w bounds the wait for the byte only: a session that starts TLS within it goes on past it."""
-    server = start_sslserver(["-n", "-w", "2"], fake_smtpd(tmp_path / "smtpd.log"), tls_certs.environment())
-    try:
+    with start_sslserver(["-n", "-w", "2"], fake_smtpd(tmp_path / "smtpd.log"), tls_certs.environment()) as server:
         with serverproc.connect(server.port, timeout=10) as sock:
             started = time.monotonic()
             assert serverproc.read_line(sock).startswith(b"220 ")
@@ -160,8 +144,6 @@ def test_n_a_program_that_asks_in_time_is_not_cut(tls_certs: Certificates, tmp_p
                 client.send(b"QUIT\r\n")
                 assert client.read_until(b"\n").startswith(b"221 ")
         assert not any(b"timeout" in line for line in server.log())
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize(("options", "logged"), [(["-v"], True), ([], False)])
