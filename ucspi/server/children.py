@@ -45,14 +45,19 @@ _REAP_RETRY_SECONDS = 0.1
 
 
 class _Programs:
-    """What the loop sees of either way: start, signal_all, and whether to accept more now."""
+    """What the loop sees of either way: start, signal_all, and whether to accept more now.
+    Each way starts its threads and its reaping in _start."""
+
+    default_threads = SPAWN_THREADS
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
+        spawner: Spawner,
         on_fatal: Callable[[bytes], None],
         on_change: Callable[[], None],
         on_error: Callable[[BaseException], None],
+        threads: int | None = None,
     ) -> None:
         self._loop = loop
         self._on_fatal = on_fatal  # the server cannot spawn any more: it exits
@@ -60,6 +65,10 @@ class _Programs:
         self._on_change = on_change  # a spawn was answered: accepting may resume
         self.waiting = 0  # connections handed to the threads and not answered yet
         self.alone = False  # set by the loop: the last wakeup found one client only
+        self._start(spawner, self.default_threads if threads is None else threads)
+
+    def _start(self, spawner: Spawner, threads: int) -> None:
+        raise NotImplementedError
 
     @property
     def can_take_more(self) -> bool:
@@ -69,16 +78,7 @@ class _Programs:
 class Children(_Programs):
     """pid -> connection for every running program, the spawns in flight and the reaper."""
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        spawner: Spawner,
-        on_fatal: Callable[[bytes], None],
-        on_change: Callable[[], None],
-        on_error: Callable[[BaseException], None],
-        threads: int = SPAWN_THREADS,
-    ) -> None:
-        super().__init__(loop, on_fatal, on_change, on_error)
+    def _start(self, spawner: Spawner, threads: int) -> None:
         self._spawner = spawner
         self._running: dict[int, Connection] = {}
         self._table = threading.Lock()  # the pid table and the count of spawns in flight
@@ -91,6 +91,9 @@ class Children(_Programs):
         self._answers_scheduled = False
         for _ in range(threads):
             self._start_worker()
+        # uvloop refuses add_signal_handler(SIGCHLD), but a plain handler works; it only
+        # schedules a waitpid(WNOHANG) round on the loop, so no descriptor per child.
+        signal.signal(signal.SIGCHLD, self.on_sigchld)
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -248,16 +251,9 @@ class EngineChildren(_Programs):
     """The extension's engine: the same interface as Children, without a Python thread or a
     signal handler per client."""
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        spawner: Spawner,
-        on_fatal: Callable[[bytes], None],
-        on_change: Callable[[], None],
-        on_error: Callable[[BaseException], None],
-        threads: int = ENGINE_SPAWN_THREADS,
-    ) -> None:
-        super().__init__(loop, on_fatal, on_change, on_error)
+    default_threads = ENGINE_SPAWN_THREADS
+
+    def _start(self, spawner: Spawner, threads: int) -> None:
         # token -> connection, from its spawn's start to its program's end (or its failure).
         self._connections: dict[int, Connection] = {}
         self._last_token = 0
@@ -266,9 +262,9 @@ class EngineChildren(_Programs):
         try:
             wake_fd = _extension.start_engine(spawner.candidates, spawner.argv, threads)
         except Exception as error:  # a server that cannot spawn cannot serve
-            on_fatal(b"unable to start a spawning thread: " + type(error).__name__.encode())
+            self._on_fatal(b"unable to start a spawning thread: " + type(error).__name__.encode())
             return
-        loop.add_reader(wake_fd, self._take_events, False)
+        self._loop.add_reader(wake_fd, self._take_events, False)
         # Reaping is a round on the loop at each SIGCHLD (an inherited SIG_IGN is replaced: the
         # kernel would reap every program unseen). Blocked here, it comes as a readable signalfd:
         # one read per batch of ends, no signal frame, no Python handler. The handler stays for
@@ -279,7 +275,7 @@ class EngineChildren(_Programs):
         except OSError:  # no signalfd: the handler does it all
             return
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-        loop.add_reader(child_signal_fd, self._take_events, True)
+        self._loop.add_reader(child_signal_fd, self._take_events, True)
 
     def _on_sigchld(self, _signal: int, _frame: object) -> None:
         # Python runs handlers on the main thread, the loop's: no wake-up write is needed.
@@ -362,10 +358,5 @@ def make_children(
     on_error: Callable[[BaseException], None],
 ) -> Children | EngineChildren:
     """The engine where the extension is in use, else the fallback's threads and SIGCHLD reaper."""
-    if USE_EXTENSION:
-        return EngineChildren(loop, spawner, on_fatal, on_change, on_error)
-    children = Children(loop, spawner, on_fatal, on_change, on_error)
-    # uvloop refuses add_signal_handler(SIGCHLD), but a plain handler works; it only schedules
-    # a waitpid(WNOHANG) round on the loop, so no descriptor per child (EngineChildren's too).
-    signal.signal(signal.SIGCHLD, children.on_sigchld)
-    return children
+    way = EngineChildren if USE_EXTENSION else Children
+    return way(loop, spawner, on_fatal, on_change, on_error)
