@@ -319,28 +319,27 @@ class Connection:
     def spawned(self, pid: int, failure: BaseException | None) -> None:
         """The program runs as pid, or failure kept it from running."""
         server = self.server
+        peer = self.peer
+        assert peer is not None  # set before any spawn
         if failure is not None:
             if not isinstance(failure, OSError):
                 raise failure
-            assert self.peer is not None
             if isinstance(failure, ForkFailed):
                 # No child to log `pid` or `ok`: the original's parent says only this.
                 text = b"unable to fork: " + error_text(failure).encode()
-                server.log.emit(Dropped(text, b"fork", self.peer.remote_ip))
+                server.log.emit(Dropped(text, b"fork", peer.remote_ip))
                 self.finish()
                 return
             # The original's child logged `ok` before its exec failed; no child here, so the
             # server's own pid stands in the line (differences item 1).
-            assert self.peer is not None
-            server.log.emit(SpawnFailed(server.pid, self.peer, self.rule))
+            server.log.emit(SpawnFailed(server.pid, peer, self.rule))
             text = b"unable to run " + server.spawner.program[0] + b": " + error_text(failure).encode()
-            server.log.emit(Dropped(text, b"exec", self.peer.remote_ip))
+            server.log.emit(Dropped(text, b"exec", peer.remote_ip))
             self.finish()
             return
         self.pid = pid
-        assert self.peer is not None
         if server.log.verbose:
-            server.log.emit(Served(pid, self.peer, self.rule))
+            server.log.emit(Served(pid, peer, self.rule))
         self._close_descriptor()  # the program has its own copies on 0 and 1
 
     def program_ended(self, wait_status: int) -> None:
