@@ -427,12 +427,20 @@ def serve(
             pass
     _close_stdin_stdout()
     spawner = Spawner(program, environ.get(b"PATH"))
+    from ucspi.server.connection import Connection
+
     server = Server(
-        options, listeners, spawner, Environment(initial_environment), facts, log, notifier, status_socket=status_socket
+        options,
+        listeners,
+        spawner,
+        Environment(initial_environment),
+        facts,
+        log,
+        notifier,
+        connection_class=connection_class or Connection,
+        status_socket=status_socket,
     )
     server.loop.call_soon(_forward_signals_to, server)
-    if connection_class is not None:
-        server.connection_class = connection_class
     try:
         server.run()
     except Fatal:
