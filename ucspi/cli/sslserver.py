@@ -12,7 +12,8 @@ import sys
 from typing import TYPE_CHECKING
 
 # Only what the split needs is imported before it: the supervised parent stays small.
-from ucspi.tls.detach import Child, open_standard_descriptors, split
+from ucspi.cli.standard_fds import open_closed_standard_descriptors
+from ucspi.tls.detach import Child, split
 
 if TYPE_CHECKING:
     from ucspi.cli.tcpserver import Command
@@ -125,7 +126,7 @@ def main() -> None:
         return
     global _child
     # Before the split: fds 0-2 that came closed must not be taken by its pipes.
-    open_standard_descriptors()
+    open_closed_standard_descriptors()
     _child = split()  # the parent supervises and never returns
     from ucspi.cli import tcpserver
     from ucspi.server.options import LONG_OPTIONS

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ucspi.cli.getopt import GetoptError, getopt
+from ucspi.cli.standard_fds import open_closed_standard_descriptors
 from ucspi.errors import EXIT_PERMANENT, EXIT_TEMPORARY, Fatal
 from ucspi.server.log import Exiting, Log, SignalTaken
 from ucspi.server.options import (
@@ -126,30 +127,6 @@ def _usage_and_exit(log_usage: bool, usage: str = USAGE) -> None:
     os._exit(EXIT_PERMANENT)
 
 
-def _placeholder_descriptor() -> int:
-    try:
-        return os.open(os.devnull, os.O_RDWR)
-    except OSError:  # no /dev/null (a bare chroot): a pipe's read end, at EOF, writes fail quietly
-        read_end, write_end = os.pipe()
-        os.close(write_end)
-        return read_end
-
-
-def _open_closed_standard_descriptors() -> None:
-    """fds 0, 1 and 2 that came closed become /dev/null (README, differences item 13).
-
-    Done before any socket exists: a listener or client that landed on 0, 1 or 2 would be
-    written to as stdout or as the log, and closed as stdin.
-    """
-    while True:
-        fd = _placeholder_descriptor()
-        if fd > 2:
-            os.close(fd)
-            return
-        # The program inherits fd 2 (the log) as its stderr.
-        os.set_inheritable(fd, True)
-
-
 def _close_stdin_stdout() -> None:
     """The original closes fds 0 and 1 (so `port=$(tcpserver -1 ...)` returns at once).
 
@@ -256,7 +233,7 @@ def main(long_options: Sequence[Option] = LONG_OPTIONS, command: Command = TCPSE
     take_launcher_marker(sys.argv)
     # Sized here, not by RLIMIT_STACK: under `softlimit -m` each thread would reserve that much.
     threading.stack_size(THREAD_STACK_SIZE)
-    _open_closed_standard_descriptors()
+    open_closed_standard_descriptors()
     program_name = os.path.basename(sys.argv[0]) or command.name
     arguments = sys.argv[1:]
     if arguments == ["--help"]:

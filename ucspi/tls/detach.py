@@ -72,19 +72,6 @@ class Child:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def open_standard_descriptors() -> None:
-    """fds 0, 1 and 2 that came closed become /dev/null (as tcpserver does, before anything is opened)."""
-    while True:
-        try:
-            fd = os.open(os.devnull, os.O_RDWR)
-        except OSError:
-            return
-        if fd > 2:
-            os.close(fd)
-            return
-        os.set_inheritable(fd, True)
-
-
 def split() -> Child | None:
     """In the child: what it needs to know. The parent never returns. None: no split (serve as one process)."""
     parent_pid = os.getpid()
