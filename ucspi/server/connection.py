@@ -340,6 +340,10 @@ class Connection:
         self.pid = pid
         if server.log.verbose:
             server.log.emit(Served(pid, peer, self.rule))
+        self._program_started()
+
+    def _program_started(self) -> None:
+        """The program runs, its start logged (a TLS connection starts its relay here)."""
         self._close_descriptor()  # the program has its own copies on 0 and 1
 
     def program_ended(self, wait_status: int) -> None:

@@ -22,7 +22,7 @@ from typing import ClassVar
 from ucspi.errors import error_text
 from ucspi.server.connection import Connection, Drop
 from ucspi.server.limits import Refusal
-from ucspi.server.log import Dropped, Served, TLSAccepted, TLSFailed, TLSTruncated
+from ucspi.server.log import Dropped, TLSAccepted, TLSFailed, TLSTruncated
 from ucspi.server.peer import Peer, Relay
 from ucspi.server.spawn import tcp_variables
 from ucspi.tls.context import TLSSetup, certificate_variables
@@ -369,20 +369,18 @@ class TLSConnection(Connection):
     # -- after the spawn ----------------------------------------------------------------------
 
     def spawned(self, pid: int, failure: BaseException | None) -> None:
-        server = self.server
         for fd in self._program_fds:  # the program has its own copies now (or never will)
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._program_fds = ()
-        if failure is not None:
-            super().spawned(pid, failure)  # logs and finishes
-            return
-        self.pid = self._program_pid = pid
-        assert self.peer is not None
-        if server.log.verbose:
-            server.log.emit(Served(pid, self.peer, self.rule))
+        super().spawned(pid, failure)  # logs; on a failure it finishes
+
+    def _program_started(self) -> None:
+        """The socket stays ours: the relay (or, under -n, the control socket's wait) starts."""
+        server = self.server
+        self._program_pid = self.pid
         if self.setup.options.starttls:
             assert self._ctl is not None
             server.loop.add_reader(self._ctl.fileno(), self._on_control)
