@@ -208,7 +208,6 @@ class Relay:
         # UNEXPECTED_EOF makes both look alike to SSLObject).
         self._peer_fin = False
         self._fin_fed = False
-        self.truncated = False  # the peer ended with a FIN and no close_notify
         self.on_truncation: Callable[[], None] | None = None  # called then, before the program sees its EOF
         self.program_ended = False  # EOF on its fd 1
         self.close_notify_sent = False
@@ -311,8 +310,7 @@ class Relay:
 
     def _peer_over(self) -> None:
         self.peer_ended = True
-        self.truncated = self._fin_fed
-        if self.truncated and self.on_truncation is not None:
+        if self._fin_fed and self.on_truncation is not None:  # a FIN and no close_notify: truncated
             self.on_truncation()
 
     def _flush_program(self) -> None:
