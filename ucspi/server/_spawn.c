@@ -1,12 +1,15 @@
-/* ucspi.server._spawn: start the program as the original's child would, GIL released.
+/* ucspi.server._spawn: start the program as the original's child would, on the loop's thread.
  *
- * clone(CLONE_VM|CLONE_VFORK) on a stack inside this call's own frame: no child stack to map
- * and unmap, no copy of the page tables. The child only makes system calls on what the parent
- * prepared: it resets the signals that have handlers (they live in the parent's memory) and
- * those the server ignores but the original's child has at default, restores the soft resource
- * limits tcpserver was started with, puts the connection on fds 0 and 1, sets the mask, and
- * execs along the original's PATH search (pathexec_run). The exec's errno comes back through
- * the shared memory; a child whose exec failed is reaped here, before this call returns.
+ * clone(CLONE_VM) without CLONE_VFORK: no page tables to copy, and the loop does not wait for
+ * the child to exec, so no thread and no hand-off per client. The child runs on a stack of its
+ * own from a pool, and makes only raw system calls on what the parent prepared (it shares the
+ * loop thread's memory, its errno included): it resets the signals that have handlers (they
+ * live in the parent's memory) and those the server ignores but the original's child has at
+ * default, restores the soft resource limits tcpserver was started with, puts the connection
+ * on fds 0 and 1, sets the mask, and execs along the original's PATH search (pathexec_run).
+ * The kernel clears the slot's word when the child's hold on the memory ends (at its exec, or
+ * its exit: CLONE_CHILD_CLEARTID), and the slot is free again. An exec that failed leaves its
+ * errno in the child's entry and exits 111, as the original's child does; the reap tells it.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -18,9 +21,9 @@
 #include <sched.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
-#include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/wait.h>
 #include <pthread.h>
@@ -30,6 +33,11 @@
 #include <stdint.h>
 #include <unistd.h>
 
+#if !defined(__x86_64__) && !defined(__aarch64__)
+/* setup.py builds this extension as optional: without it, the ctypes path starts programs. */
+#error "the child's raw system calls are written for x86_64 and aarch64 only"
+#endif
+
 /* The kernel's sigset_t (what rt_sigprocmask takes): 64 signals. */
 typedef unsigned long kernel_sigset;
 #define KERNEL_SIGSET_SIZE sizeof(kernel_sigset)
@@ -38,7 +46,8 @@ typedef unsigned long kernel_sigset;
  * sends them to the child; their handlers go at execve like every other handler. */
 #define FIRST_INTERNAL_SIGNAL 32
 #define LAST_INTERNAL_SIGNAL 33
-#define CHILD_STACK_SIZE (32 * 1024)
+/* The original's child exits so when its exec fails (strerr_die2sys(111, ...)). */
+#define EXEC_FAILED_STATUS 111
 
 typedef struct {
     int resource;
@@ -51,6 +60,46 @@ static kernel_sigset program_mask;       /* the program's signal mask */
 static saved_limit limits[RLIM_NLIMITS];
 static int limit_count;
 
+/* -- the child: raw system calls only ----------------------------------------------------- */
+
+/* The system call itself, its error as -errno: glibc's wrappers would write errno, which the
+ * child shares with the loop's thread running beside it. */
+static inline long
+raw_call(long number, long a, long b, long c, long d)
+{
+#if defined(__x86_64__)
+    long result;
+    register long r10 __asm__("r10") = d;
+    __asm__ volatile("syscall"
+                     : "=a"(result)
+                     : "a"(number), "D"(a), "S"(b), "d"(c), "r"(r10)
+                     : "rcx", "r11", "memory");
+    return result;
+#else
+    register long x8 __asm__("x8") = number;
+    register long x0 __asm__("x0") = a;
+    register long x1 __asm__("x1") = b;
+    register long x2 __asm__("x2") = c;
+    register long x3 __asm__("x3") = d;
+    __asm__ volatile("svc 0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2), "r"(x3) : "memory");
+    return x0;
+#endif
+}
+
+/* The kernel's struct sigaction on both architectures (each has SA_RESTORER). */
+typedef struct {
+    void *handler;
+    unsigned long flags;
+    void *restorer;
+    kernel_sigset mask;
+} kernel_sigaction;
+
+/* The kernel's struct rlimit64, as prlimit64 takes it. */
+typedef struct {
+    unsigned long long soft;
+    unsigned long long hard;
+} kernel_rlimit;
+
 typedef struct {
     char *const *candidates;
     Py_ssize_t candidate_count;
@@ -60,8 +109,138 @@ typedef struct {
     int stdout_fd;
     const int *pass_fds;
     Py_ssize_t pass_count;
-    volatile int exec_errno; /* written by the child, read by the parent once it is resumed */
+    volatile int *exec_errno; /* in the child's registry entry: the reap reads it */
 } child_job;
+
+static void
+child_failed(child_job *job, long error)
+{
+    *job->exec_errno = (int)-error;
+    raw_call(SYS_exit, EXEC_FAILED_STATUS, 0, 0, 0);
+    for (;;)
+        ; /* exit does not return */
+}
+
+static void
+put_on(child_job *job, int from, int to)
+{
+    /* dup onto itself keeps close-on-exec: cleared instead, as posix_spawn's dup2 does. */
+    long result = from == to ? raw_call(SYS_fcntl, to, F_SETFD, 0, 0) : raw_call(SYS_dup3, from, to, 0, 0);
+    if (result < 0)
+        child_failed(job, result);
+}
+
+static int
+child_main(void *argument)
+{
+    child_job *job = argument;
+    kernel_sigaction action;
+    int sig;
+    Py_ssize_t i;
+    long result, saved = 0;
+
+    for (sig = 1; sig < 65; sig++) {
+        if (sig == SIGKILL || sig == SIGSTOP || (sig >= FIRST_INTERNAL_SIGNAL && sig <= LAST_INTERNAL_SIGNAL))
+            continue;
+        if (!(signals_to_default & SIGNAL_BIT(sig))) {
+            if (raw_call(SYS_rt_sigaction, sig, 0, (long)&action, KERNEL_SIGSET_SIZE) < 0)
+                continue;
+            /* Ignored ones the server inherited stay ignored, as the original's child keeps them. */
+            if (action.handler == SIG_DFL || action.handler == SIG_IGN)
+                continue;
+        }
+        action.handler = SIG_DFL;
+        action.flags = 0;
+        action.restorer = NULL;
+        action.mask = 0;
+        raw_call(SYS_rt_sigaction, sig, (long)&action, 0, KERNEL_SIGSET_SIZE);
+    }
+    for (i = 0; i < limit_count; i++) {
+        /* The soft limit as it was; the hard one as it is now (lowered since, it caps the soft). */
+        kernel_rlimit now, wanted;
+        if (raw_call(SYS_prlimit64, 0, limits[i].resource, 0, (long)&now) < 0)
+            continue;
+        wanted.hard = now.hard;
+        wanted.soft = limits[i].limit.rlim_cur < now.hard ? limits[i].limit.rlim_cur : now.hard;
+        raw_call(SYS_prlimit64, 0, limits[i].resource, (long)&wanted, 0);
+    }
+    put_on(job, job->stdin_fd, 0);
+    put_on(job, job->stdout_fd, 1);
+    for (i = 0; i < job->pass_count; i++)
+        put_on(job, job->pass_fds[i], job->pass_fds[i]);
+    raw_call(SYS_rt_sigprocmask, SIG_SETMASK, (long)&program_mask, 0, KERNEL_SIGSET_SIZE);
+    /* pathexec_run: ENOENT goes on; EACCES, EPERM and EISDIR go on but are remembered; any
+     * other error ends the search. */
+    for (i = 0; i < job->candidate_count; i++) {
+        result = raw_call(SYS_execve, (long)job->candidates[i], (long)job->argv, (long)job->envp, 0);
+        if (result != -ENOENT) {
+            saved = result;
+            if (result != -EACCES && result != -EPERM && result != -EISDIR)
+                break;
+        }
+    }
+    child_failed(job, saved ? saved : -ENOENT);
+    return 0;
+}
+
+/* -- the clone ---------------------------------------------------------------------------
+ *
+ * A child's stack and its job (environment and all) must outlast the parent's clone call: the
+ * child reads them until its exec. Each lives in a slot of the pool, whose word the kernel
+ * clears once the child no longer holds the memory. With every slot taken (children that are
+ * slow to exec, or stopped before it), the clone waits for its child (CLONE_VFORK) on a
+ * stack inside the call's own frame.
+ */
+
+#define CHILD_STACK_SIZE (16 * 1024) /* child_main needs under a kilobyte */
+#define SLOT_COUNT 128
+
+typedef struct {
+    volatile pid_t busy; /* non-zero from the clone until the kernel clears it */
+    void *job_memory;    /* freed when the slot is taken again */
+} child_slot;
+
+static child_slot slots[SLOT_COUNT];
+static char *slot_stacks; /* SLOT_COUNT stacks, each above a guard page */
+static size_t slot_span;  /* one stack and its guard page */
+static int next_slot;
+
+static int
+allocate_slots(void)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    int i;
+
+    slot_span = CHILD_STACK_SIZE + (size_t)page;
+    slot_stacks = mmap(NULL, slot_span * SLOT_COUNT, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (slot_stacks == MAP_FAILED) {
+        slot_stacks = NULL;
+        return -1;
+    }
+    /* A child that overran its stack faults instead of writing into the next one's. */
+    for (i = 0; i < SLOT_COUNT; i++)
+        if (mprotect(slot_stacks + slot_span * i, (size_t)page, PROT_NONE) == -1)
+            return -1;
+    return 0;
+}
+
+/* A free slot, its last job freed; -1 when every one is taken. */
+static int
+free_slot(void)
+{
+    int i;
+
+    for (i = 0; i < SLOT_COUNT; i++) {
+        int candidate = (next_slot + i) % SLOT_COUNT;
+        if (__atomic_load_n(&slots[candidate].busy, __ATOMIC_ACQUIRE) == 0) {
+            free(slots[candidate].job_memory);
+            slots[candidate].job_memory = NULL;
+            next_slot = (candidate + 1) % SLOT_COUNT;
+            return candidate;
+        }
+    }
+    return -1;
+}
 
 static int
 raw_sigprocmask(int how, const kernel_sigset *set, kernel_sigset *old)
@@ -70,148 +249,62 @@ raw_sigprocmask(int how, const kernel_sigset *set, kernel_sigset *old)
     return (int)syscall(SYS_rt_sigprocmask, how, set, old, KERNEL_SIGSET_SIZE);
 }
 
-static void
-put_on(child_job *job, int from, int to)
-{
-    /* dup2 onto itself keeps close-on-exec: cleared instead, as posix_spawn's dup2 does. */
-    if ((from == to ? fcntl(to, F_SETFD, 0) : dup2(from, to)) == -1) {
-        job->exec_errno = errno;
-        _exit(127);
-    }
-}
-
-static int
-child_main(void *argument)
-{
-    child_job *job = argument;
-    struct sigaction action;
-    int sig;
-    Py_ssize_t i;
-    int saved = 0;
-
-    memset(&action, 0, sizeof action);
-    for (sig = 1; sig < 65; sig++) {
-        if (sig == SIGKILL || sig == SIGSTOP || (sig >= FIRST_INTERNAL_SIGNAL && sig <= LAST_INTERNAL_SIGNAL))
-            continue;
-        if (!(signals_to_default & SIGNAL_BIT(sig))) {
-            if (sigaction(sig, NULL, &action) == -1)
-                continue;
-            /* Ignored ones the server inherited stay ignored, as the original's child keeps them. */
-            if (action.sa_handler == SIG_DFL || action.sa_handler == SIG_IGN)
-                continue;
-        }
-        memset(&action, 0, sizeof action);
-        action.sa_handler = SIG_DFL;
-        sigaction(sig, &action, NULL);
-    }
-    for (i = 0; i < limit_count; i++) {
-        /* The soft limit as it was; the hard one as it is now (lowered since, it caps the soft). */
-        struct rlimit now, wanted;
-        if (getrlimit(limits[i].resource, &now) != 0)
-            continue;
-        wanted.rlim_max = now.rlim_max;
-        wanted.rlim_cur = limits[i].limit.rlim_cur < now.rlim_max ? limits[i].limit.rlim_cur : now.rlim_max;
-        setrlimit(limits[i].resource, &wanted);
-    }
-    put_on(job, job->stdin_fd, 0);
-    put_on(job, job->stdout_fd, 1);
-    for (i = 0; i < job->pass_count; i++)
-        put_on(job, job->pass_fds[i], job->pass_fds[i]);
-    raw_sigprocmask(SIG_SETMASK, &program_mask, NULL);
-    /* pathexec_run: ENOENT goes on; EACCES, EPERM and EISDIR go on but are remembered; any
-     * other error ends the search. */
-    for (i = 0; i < job->candidate_count; i++) {
-        execve(job->candidates[i], job->argv, job->envp);
-        if (errno != ENOENT) {
-            saved = errno;
-            if (errno != EACCES && errno != EPERM && errno != EISDIR)
-                break;
-        }
-    }
-    job->exec_errno = saved ? saved : ENOENT;
-    _exit(127);
-}
-
-/* -- the clone --------------------------------------------------------------------------- */
-
+/* The child for job, whose memory is job_memory (the pool's from here on, or freed). */
 static pid_t
-clone_child(child_job *job, int *clone_errno)
+clone_child(child_job *job, void *job_memory, int *clone_errno)
 {
     kernel_sigset all = ~0UL, old;
     pid_t pid;
-    /* The child's stack: inside this frame, so nothing is mapped per spawn. */
-    char stack[CHILD_STACK_SIZE] __attribute__((aligned(64)));
+    int slot = free_slot();
 
     /* Every signal blocked across the clone: no handler of ours may run in the child. */
     raw_sigprocmask(SIG_SETMASK, &all, &old);
-    pid = clone(child_main, stack + sizeof stack, CLONE_VM | CLONE_VFORK | SIGCHLD, job);
-    *clone_errno = pid == -1 ? errno : 0;
+    if (slot >= 0) {
+        slots[slot].busy = 1;
+        slots[slot].job_memory = job_memory;
+        pid = clone(child_main, slot_stacks + slot_span * (slot + 1), CLONE_VM | CLONE_CHILD_CLEARTID | SIGCHLD, job,
+                    NULL, NULL, &slots[slot].busy);
+        *clone_errno = pid == -1 ? errno : 0;
+        if (pid == -1)
+            slots[slot].busy = 0; /* the job is freed when the slot is taken again */
+    } else {
+        char stack[CHILD_STACK_SIZE] __attribute__((aligned(64)));
+        pid = clone(child_main, stack + sizeof stack, CLONE_VM | CLONE_VFORK | SIGCHLD, job);
+        *clone_errno = pid == -1 ? errno : 0;
+        free(job_memory);
+    }
     raw_sigprocmask(SIG_SETMASK, &old, NULL);
     return pid;
 }
 
-/* -- the engine: spawning threads, reaping, and the events the loop takes ---------------------
+/* -- the engine: the registry of children, and reaping ------------------------------------
  *
- * The loop hands a job over (submit) and goes on; a spawning thread clones, registers the pid
- * and queues the answer, and an eventfd wakes the loop, which takes every queued event at once
- * (take): no GIL, no Python and no wake-up per client in between. The loop reaps (reap, on
- * SIGCHLD and at each take): no thread of its own to wake per program that ends.
- *
- * Only reap reaps. A child whose exec failed is registered too, as failed: it is reaped without
- * an event. A zombie nobody registered may be the child of a clone that has not returned yet:
- * each spawner's window (odd while it is between clone and registration) is noted, the round
- * stops there, and the next round after every window noted has closed decides: the zombie is
- * registered by then, or it was never ours (a child the process had before it was tcpserver).
- * The spawner that closes a window while a round waits for one wakes the loop.
+ * spawn and reap both run on the loop's thread: a child is registered before any reap can
+ * see it end. So every zombie the registry does not know is one the process had before it was
+ * tcpserver: reaped, and nobody is told. A registered child is reaped once, and its end (with
+ * its failed exec first, if it failed) handed back.
  */
 
-enum { EVENT_SPAWNED, EVENT_EXEC_FAILED, EVENT_FORK_FAILED, EVENT_ENDED };
-
-typedef struct queued_job {
-    struct queued_job *next;
-    long long token;
-    child_job job; /* its arrays and strings follow this struct, in the same allocation */
-} queued_job;
-
-typedef struct {
-    int kind;
-    long long token;
-    long value; /* the pid, the errno or the wait status */
-} engine_event;
+enum { EVENT_EXEC_FAILED = 1, EVENT_ENDED = 3 };
 
 typedef struct pid_entry {
     struct pid_entry *next;
     pid_t pid;
-    int failed; /* its exec failed: reaped without an event */
+    volatile int exec_errno; /* written by the child before it exits 111 */
     long long token;
 } pid_entry;
 
 #define PID_BUCKETS 1024
-#define MAX_SPAWNERS 17 /* up to 16 spawning threads, and the loop's own (spawn_now) */
-#define ENGINE_THREAD_STACK (256 * 1024)
 
 static struct {
     int started;
-    int broken; /* an event could not be queued: the server must exit */
-    pthread_mutex_t lock;
-    pthread_cond_t job_ready; /* the spawning threads wait on it */
-    queued_job *head, *tail;
-    engine_event *events, *spare;
-    size_t event_count, event_capacity, spare_capacity;
-    int wake_pending;
-    int wake_fd;
-    int child_signal_fd; /* SIGCHLD as a descriptor; -1 until child_signal_fd() */
+    pthread_mutex_t lock; /* the registry: signal_all may come from another thread */
+    int child_signal_fd;  /* SIGCHLD as a descriptor; -1 until child_signal_fd() */
     pid_entry *buckets[PID_BUCKETS];
-    unsigned long window[MAX_SPAWNERS]; /* odd: that spawner is between clone and registration */
-    int reap_due;                   /* take() reaps first: a window the round waited for closed */
-    int reap_wanted;                /* a round stopped at a zombie nobody registered: */
-    pid_t suspect;                  /* that zombie, */
-    unsigned long noted[MAX_SPAWNERS]; /* and the windows as they were then */
-    int spawners;                   /* the loop's own is the last */
     char **candidates;
     Py_ssize_t candidate_count;
     char **argv;
-} engine = {.lock = PTHREAD_MUTEX_INITIALIZER, .job_ready = PTHREAD_COND_INITIALIZER, .wake_fd = -1, .child_signal_fd = -1};
+} engine = {.lock = PTHREAD_MUTEX_INITIALIZER, .child_signal_fd = -1};
 
 static pid_entry **
 bucket_of(pid_t pid)
@@ -231,135 +324,11 @@ find_registered(pid_t pid, pid_entry ***link)
     return NULL;
 }
 
-/* Under the lock. Returns whether the eventfd must be written once the lock is released. */
-static int
-push_event(int kind, long long token, long value)
-{
-    if (engine.event_count == engine.event_capacity) {
-        size_t capacity = engine.event_capacity ? engine.event_capacity * 2 : 64;
-        engine_event *grown = realloc(engine.events, capacity * sizeof *grown);
-        if (grown == NULL) {
-            engine.broken = 1; /* take() says so; nothing else can give this client its end */
-            return 1;
-        }
-        engine.events = grown;
-        engine.event_capacity = capacity;
-    }
-    engine.events[engine.event_count].kind = kind;
-    engine.events[engine.event_count].token = token;
-    engine.events[engine.event_count].value = value;
-    engine.event_count++;
-    if (engine.wake_pending)
-        return 0;
-    engine.wake_pending = 1;
-    return 1;
-}
-
-static void
-wake_loop(void)
-{
-    uint64_t one = 1;
-    while (write(engine.wake_fd, &one, sizeof one) == -1 && errno == EINTR)
-        ;
-}
-
-/* Clone in spawner slot's window and register the child; an answer queued unless inline.
- * Returns the pid (-1: no child), with *failure the exec's or the clone's errno. */
-static pid_t
-spawn_registered(int slot, long long token, child_job *job, int queue_answer, int *failure)
-{
-    pid_t pid;
-    int clone_errno, wake = 0;
-    pid_entry *entry = malloc(sizeof *entry);
-
-    if (entry == NULL) {
-        *failure = ENOMEM;
-        pid = -1;
-        clone_errno = ENOMEM;
-        pthread_mutex_lock(&engine.lock);
-        goto answer;
-    }
-    job->exec_errno = 0;
-    __atomic_add_fetch(&engine.window[slot], 1, __ATOMIC_SEQ_CST); /* open: odd */
-    pid = clone_child(job, &clone_errno);
-    pthread_mutex_lock(&engine.lock);
-    if (pid > 0) {
-        entry->pid = pid;
-        entry->failed = job->exec_errno != 0;
-        entry->token = token;
-        entry->next = *bucket_of(pid);
-        *bucket_of(pid) = entry;
-        entry = NULL;
-    }
-    __atomic_add_fetch(&engine.window[slot], 1, __ATOMIC_SEQ_CST); /* closed: even */
-    if (engine.reap_wanted) {
-        /* A round stopped at a zombie that may be this clone's: the loop's next take reaps. */
-        engine.reap_wanted = 0;
-        engine.reap_due = 1;
-        wake = !engine.wake_pending;
-        engine.wake_pending = 1;
-    }
-answer:
-    *failure = pid == -1 ? clone_errno : job->exec_errno;
-    if (queue_answer) {
-        if (pid == -1)
-            wake |= push_event(EVENT_FORK_FAILED, token, clone_errno);
-        else if (job->exec_errno)
-            wake |= push_event(EVENT_EXEC_FAILED, token, job->exec_errno);
-        else
-            wake |= push_event(EVENT_SPAWNED, token, pid);
-    }
-    pthread_mutex_unlock(&engine.lock);
-    free(entry);
-    if (wake)
-        wake_loop();
-    return pid;
-}
-
-static void
-block_every_signal(void)
-{
-    sigset_t all;
-    /* glibc's own mask call: it leaves its internal signals (setxid's) deliverable. */
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, NULL);
-}
-
-static void *
-spawning_thread(void *argument)
-{
-    int slot = (int)(intptr_t)argument, failure;
-    queued_job *taken;
-
-    block_every_signal();
-    for (;;) {
-        pthread_mutex_lock(&engine.lock);
-        while (engine.head == NULL)
-            pthread_cond_wait(&engine.job_ready, &engine.lock);
-        taken = engine.head;
-        engine.head = taken->next;
-        if (engine.head == NULL)
-            engine.tail = NULL;
-        pthread_mutex_unlock(&engine.lock);
-        spawn_registered(slot, taken->token, &taken->job, 1, &failure);
-        free(taken);
-    }
-    return NULL;
-}
-
-static int
-noted_windows_open(void)
-{
-    int i;
-    for (i = 0; i < engine.spawners; i++)
-        if ((engine.noted[i] & 1) && __atomic_load_n(&engine.window[i], __ATOMIC_SEQ_CST) == engine.noted[i])
-            return 1;
-    return 0;
-}
-
 PyDoc_STRVAR(reap_doc,
-"reap()\n\n"
-"Reap every ended program the engine registered, each end queued for take(); never waits.");
+"reap() -> ([(kind, token, value), ...], complete)\n\n"
+"Every ended program the engine registered, reaped, in order; never waits. (3, token, wait\n"
+"status) is a program's end; (1, token, errno) comes just before it when its exec failed.\n"
+"complete is False when the round stopped short (out of memory): call again soon.");
 
 PyDoc_STRVAR(child_signal_fd_doc,
 "child_signal_fd() -> fd\n\n"
@@ -380,25 +349,42 @@ child_signal_fd(PyObject *module, PyObject *unused)
     return PyLong_FromLong(engine.child_signal_fd);
 }
 
-static void
-reap_round(void)
+static int
+append_event(PyObject *events, int kind, long long token, long value)
 {
-    int i;
+    PyObject *event = Py_BuildValue("(iLl)", kind, token, value);
+    int result;
 
+    if (event == NULL)
+        return -1;
+    result = PyList_Append(events, event);
+    Py_DECREF(event);
+    return result;
+}
+
+static PyObject *
+reap(PyObject *module, PyObject *unused)
+{
+    PyObject *events = PyList_New(0);
+    int complete = 1;
+
+    if (events == NULL)
+        return NULL;
+    if (!engine.started)
+        return Py_BuildValue("(NO)", events, Py_True);
     if (engine.child_signal_fd != -1) {
         /* Emptied first: a child that ends from here on makes it readable again. */
         struct signalfd_siginfo taken[8];
         while (read(engine.child_signal_fd, taken, sizeof taken) > 0)
             ;
     }
-    pthread_mutex_lock(&engine.lock);
-    engine.reap_wanted = 0;
-    engine.reap_due = 0;
     for (;;) {
         siginfo_t info;
         pid_entry *entry, **link;
-        int status;
+        int status, exec_errno;
 
+        /* Looked at first (WNOWAIT): an event that cannot be made leaves the child to the next
+         * round, unreaped and still registered. */
         memset(&info, 0, sizeof info);
         if (waitid(P_ALL, 0, &info, WEXITED | WNOHANG | WNOWAIT) == -1) {
             if (errno == EINTR)
@@ -407,40 +393,34 @@ reap_round(void)
         }
         if (info.si_pid <= 0)
             break; /* none has ended */
+        pthread_mutex_lock(&engine.lock);
         entry = find_registered(info.si_pid, &link);
-        if (entry == NULL) {
-            if (engine.suspect != info.si_pid) {
-                /* Perhaps a clone's whose spawner has not registered it yet: decided once every
-                 * window open now has closed. */
-                engine.suspect = info.si_pid;
-                for (i = 0; i < engine.spawners; i++)
-                    engine.noted[i] = __atomic_load_n(&engine.window[i], __ATOMIC_SEQ_CST);
-            }
-            if (noted_windows_open()) {
-                engine.reap_wanted = 1; /* the spawner closing one wakes the loop */
+        pthread_mutex_unlock(&engine.lock);
+        if (entry != NULL) {
+            status = info.si_code == CLD_EXITED ? (info.si_status & 0xff) << 8
+                   : (info.si_status & 0x7f) | (info.si_code == CLD_DUMPED ? 0x80 : 0);
+            exec_errno = entry->exec_errno;
+            if ((exec_errno && append_event(events, EVENT_EXEC_FAILED, entry->token, exec_errno) < 0)
+                || append_event(events, EVENT_ENDED, entry->token, status) < 0) {
+                /* Out of memory: this child waits, unreaped, for the caller's next round. */
+                PyErr_Clear();
+                if (exec_errno && PyList_GET_SIZE(events) > 0)
+                    PyList_SetSlice(events, PyList_GET_SIZE(events) - 1, PyList_GET_SIZE(events), NULL);
+                complete = 0;
                 break;
             }
-            /* Not ours (its spawner would have registered it): reaped, nobody told. */
         }
-        engine.suspect = 0;
+        /* Registered or not (a child the process had before it was tcpserver), reaped now. */
+        pthread_mutex_lock(&engine.lock);
         while (waitpid(info.si_pid, &status, 0) == -1 && errno == EINTR)
             ;
         if (entry != NULL) {
             *link = entry->next;
-            if (!entry->failed)
-                push_event(EVENT_ENDED, entry->token, status); /* the caller takes them next */
             free(entry);
         }
+        pthread_mutex_unlock(&engine.lock);
     }
-    pthread_mutex_unlock(&engine.lock);
-}
-
-static PyObject *
-reap(PyObject *module, PyObject *unused)
-{
-    if (engine.started)
-        reap_round();
-    Py_RETURN_NONE;
+    return Py_BuildValue("(NO)", events, complete ? Py_True : Py_False);
 }
 
 /* A NULL-terminated copy of a sequence of bytes (malloc'd: the engine keeps it for good). */
@@ -483,27 +463,20 @@ copied_strings(PyObject *sequence, Py_ssize_t *count_out)
 }
 
 PyDoc_STRVAR(start_engine_doc,
-"start_engine(candidates, argv, threads) -> fd\n\n"
-"Start the spawning threads for the program argv, run from the first of candidates\n"
-"(paths, in PATH order) that execve takes. fd becomes readable when take() has events. Once.");
+"start_engine(candidates, argv)\n\n"
+"Make ready to spawn the program argv, run from the first of candidates (paths, in PATH\n"
+"order) that execve takes: the children's stacks are mapped here. Once.");
 
 static PyObject *
 start_engine(PyObject *module, PyObject *args)
 {
     PyObject *candidates, *argv;
-    int threads, i, error;
-    pthread_attr_t attributes;
-    pthread_t thread;
     Py_ssize_t argv_count;
 
-    if (!PyArg_ParseTuple(args, "OOi:start_engine", &candidates, &argv, &threads))
+    if (!PyArg_ParseTuple(args, "OO:start_engine", &candidates, &argv))
         return NULL;
     if (engine.started) {
         PyErr_SetString(PyExc_RuntimeError, "start_engine: started already");
-        return NULL;
-    }
-    if (threads < 1 || threads > MAX_SPAWNERS - 1) {
-        PyErr_SetString(PyExc_ValueError, "start_engine: threads out of range");
         return NULL;
     }
     if ((engine.candidates = copied_strings(candidates, &engine.candidate_count)) == NULL)
@@ -514,40 +487,24 @@ start_engine(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "start_engine: no program");
         return NULL;
     }
-    if ((engine.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) == -1)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    engine.spawners = threads + 1;
-    /* Sized here, not by RLIMIT_STACK (which softlimit -m sets too); the child's stack is inside. */
-    pthread_attr_init(&attributes);
-    pthread_attr_setstacksize(&attributes, ENGINE_THREAD_STACK);
-    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
-    for (i = 0, error = 0; error == 0 && i < threads; i++)
-        error = pthread_create(&thread, &attributes, spawning_thread, (void *)(intptr_t)i);
-    pthread_attr_destroy(&attributes);
-    if (error != 0) {
-        errno = error;
+    if (allocate_slots() == -1)
         return PyErr_SetFromErrno(PyExc_OSError); /* the server cannot serve: it exits */
-    }
     engine.started = 1;
-    return PyLong_FromLong(engine.wake_fd);
+    Py_RETURN_NONE;
 }
 
-/* The job for one client: its environment, descriptors and token, copied into one allocation
- * that the spawning thread frees. */
-static queued_job *
-make_job(long long token, PyObject *environment, int stdin_fd, int stdout_fd, PyObject *pass_fds)
+/* One client's job: its environment and descriptors, copied into one allocation (returned
+ * in *memory) that outlives the call until the child has exec'd. */
+static child_job *
+make_job(PyObject *environment, PyObject *pass_fds, void **memory)
 {
     PyObject *entries = NULL, *passed = NULL;
     Py_ssize_t count, pass_count, i;
     size_t strings = 0, size;
-    queued_job *made = NULL;
+    child_job *made = NULL;
     char **envp, *text;
     int *pass;
 
-    if (!engine.started) {
-        PyErr_SetString(PyExc_RuntimeError, "the spawn engine is not started");
-        return NULL;
-    }
     if ((entries = PySequence_Fast(environment, "environment: a sequence of bytes expected")) == NULL
         || (passed = PySequence_Fast(pass_fds, "pass_fds: a sequence expected")) == NULL)
         goto done;
@@ -585,137 +542,69 @@ make_job(long long token, PyObject *environment, int stdin_fd, int stdout_fd, Py
         text += length;
     }
     envp[count] = NULL;
-    made->next = NULL;
-    made->token = token;
-    made->job.candidates = engine.candidates;
-    made->job.candidate_count = engine.candidate_count;
-    made->job.argv = engine.argv;
-    made->job.envp = envp;
-    made->job.stdin_fd = stdin_fd;
-    made->job.stdout_fd = stdout_fd;
-    made->job.pass_fds = pass;
-    made->job.pass_count = pass_count;
-    made->job.exec_errno = 0;
+    made->candidates = engine.candidates;
+    made->candidate_count = engine.candidate_count;
+    made->argv = engine.argv;
+    made->envp = envp;
+    made->pass_fds = pass;
+    made->pass_count = pass_count;
+    *memory = made;
 done:
     Py_XDECREF(entries);
     Py_XDECREF(passed);
     return made;
 }
 
-PyDoc_STRVAR(submit_doc,
-"submit(token, environment, stdin_fd, stdout_fd, pass_fds)\n\n"
-"Hand the spawn over to a spawning thread: stdin_fd on 0, stdout_fd on 1, pass_fds kept open,\n"
-"environment (bytes entries) exactly as the program gets it. Its answer comes from take().");
-
-static PyObject *
-submit(PyObject *module, PyObject *args)
-{
-    long long token;
-    PyObject *environment, *pass_fds;
-    int stdin_fd, stdout_fd;
-    queued_job *job;
-
-    if (!PyArg_ParseTuple(args, "LOiiO:submit", &token, &environment, &stdin_fd, &stdout_fd, &pass_fds))
-        return NULL;
-    if ((job = make_job(token, environment, stdin_fd, stdout_fd, pass_fds)) == NULL)
-        return NULL;
-    pthread_mutex_lock(&engine.lock);
-    if (engine.tail != NULL)
-        engine.tail->next = job;
-    else
-        engine.head = job;
-    engine.tail = job;
-    pthread_cond_signal(&engine.job_ready);
-    pthread_mutex_unlock(&engine.lock);
-    Py_RETURN_NONE;
-}
-
-PyDoc_STRVAR(spawn_now_doc,
-"spawn_now(token, environment, stdin_fd, stdout_fd, pass_fds) -> pid\n\n"
-"submit's spawn made on the calling thread (the loop's only), GIL released; the answer is\n"
-"returned, or raised: ForkError when there is no child, OSError with the exec's errno. The\n"
-"program's end comes from take().");
+PyDoc_STRVAR(spawn_doc,
+"spawn(token, environment, stdin_fd, stdout_fd, pass_fds) -> pid\n\n"
+"Start the program for a client, without waiting for its exec: stdin_fd on 0, stdout_fd on 1,\n"
+"pass_fds kept open, environment (bytes entries) exactly as the program gets it. ForkError:\n"
+"no child at all. An exec that fails is told by reap(), with the program's end, under token.");
 
 static PyObject *fork_error; /* ForkError: the clone itself failed (EAGAIN, ENOMEM) */
 
 static PyObject *
-spawn_now(PyObject *module, PyObject *args)
+spawn(PyObject *module, PyObject *args)
 {
     long long token;
     PyObject *environment, *pass_fds;
-    int stdin_fd, stdout_fd, failure;
-    queued_job *job;
+    int stdin_fd, stdout_fd, clone_errno;
+    child_job *job;
+    void *memory;
+    pid_entry *entry;
     pid_t pid;
 
-    if (!PyArg_ParseTuple(args, "LOiiO:spawn_now", &token, &environment, &stdin_fd, &stdout_fd, &pass_fds))
+    if (!PyArg_ParseTuple(args, "LOiiO:spawn", &token, &environment, &stdin_fd, &stdout_fd, &pass_fds))
         return NULL;
-    if ((job = make_job(token, environment, stdin_fd, stdout_fd, pass_fds)) == NULL)
+    if (!engine.started) {
+        PyErr_SetString(PyExc_RuntimeError, "the spawn engine is not started");
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    pid = spawn_registered(engine.spawners - 1, token, &job->job, 0, &failure);
-    Py_END_ALLOW_THREADS
-    free(job);
-    if (pid == -1 || failure != 0) {
-        /* No child at all: the original's `unable to fork`, not an exec's failure. */
-        errno = failure;
-        return PyErr_SetFromErrno(pid == -1 ? fork_error : PyExc_OSError);
     }
-    return PyLong_FromLong(pid);
-}
-
-PyDoc_STRVAR(take_doc,
-"take() -> [(kind, token, value), ...]\n\n"
-"Every event queued since the last call (after a reap, when a round waited for a spawn), in order: (0, token, pid) spawned, (1, token, errno)\n"
-"the exec failed, (2, token, errno) no child (clone failed), (3, token, wait status) ended.\n"
-"A spawn's answer always comes before its program's end.");
-
-static PyObject *
-take(PyObject *module, PyObject *unused)
-{
-    uint64_t counter;
-    engine_event *taken;
-    size_t count, capacity, i;
-    PyObject *list;
-
-    int reap_due;
-
-    if (!engine.started)
-        return PyList_New(0);
-    pthread_mutex_lock(&engine.lock);
-    reap_due = engine.reap_due;
-    pthread_mutex_unlock(&engine.lock);
-    if (reap_due)
-        reap_round();
-    /* Read first: an event queued from here on writes the eventfd again. */
-    if (read(engine.wake_fd, &counter, sizeof counter) == -1 && errno != EAGAIN && errno != EINTR)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    pthread_mutex_lock(&engine.lock);
-    if (engine.broken) {
-        pthread_mutex_unlock(&engine.lock);
+    if ((job = make_job(environment, pass_fds, &memory)) == NULL)
+        return NULL;
+    if ((entry = malloc(sizeof *entry)) == NULL) {
+        free(memory);
         return PyErr_NoMemory();
     }
-    taken = engine.events;
-    count = engine.event_count;
-    capacity = engine.event_capacity;
-    engine.events = engine.spare;
-    engine.event_capacity = engine.spare_capacity;
-    engine.event_count = 0;
-    engine.wake_pending = 0;
-    pthread_mutex_unlock(&engine.lock);
-    /* Only this call touches the spare buffer: the one just taken becomes it. */
-    engine.spare = taken;
-    engine.spare_capacity = capacity;
-    if ((list = PyList_New((Py_ssize_t)count)) == NULL)
-        return NULL;
-    for (i = 0; i < count; i++) {
-        PyObject *event = Py_BuildValue("(iLl)", taken[i].kind, taken[i].token, taken[i].value);
-        if (event == NULL) {
-            Py_DECREF(list);
-            return NULL;
-        }
-        PyList_SET_ITEM(list, (Py_ssize_t)i, event);
+    job->stdin_fd = stdin_fd;
+    job->stdout_fd = stdout_fd;
+    job->exec_errno = &entry->exec_errno;
+    entry->exec_errno = 0;
+    entry->token = token;
+    Py_BEGIN_ALLOW_THREADS
+    pid = clone_child(job, memory, &clone_errno);
+    Py_END_ALLOW_THREADS
+    if (pid == -1) {
+        free(entry);
+        errno = clone_errno;
+        return PyErr_SetFromErrno(fork_error); /* the original's `unable to fork` */
     }
-    return list;
+    entry->pid = pid;
+    pthread_mutex_lock(&engine.lock);
+    entry->next = *bucket_of(pid);
+    *bucket_of(pid) = entry;
+    pthread_mutex_unlock(&engine.lock);
+    return PyLong_FromLong(pid);
 }
 
 PyDoc_STRVAR(signal_all_doc,
@@ -734,8 +623,7 @@ signal_all(PyObject *module, PyObject *args)
     pthread_mutex_lock(&engine.lock);
     for (i = 0; i < PID_BUCKETS; i++)
         for (entry = engine.buckets[i]; entry != NULL; entry = entry->next)
-            if (!entry->failed)
-                kill(entry->pid, number);
+            kill(entry->pid, number);
     pthread_mutex_unlock(&engine.lock);
     Py_RETURN_NONE;
 }
@@ -882,9 +770,7 @@ set_name(PyObject *module, PyObject *name)
 
 static PyMethodDef methods[] = {
     {"start_engine", start_engine, METH_VARARGS, start_engine_doc},
-    {"submit", submit, METH_VARARGS, submit_doc},
-    {"spawn_now", spawn_now, METH_VARARGS, spawn_now_doc},
-    {"take", take, METH_NOARGS, take_doc},
+    {"spawn", spawn, METH_VARARGS, spawn_doc},
     {"reap", reap, METH_NOARGS, reap_doc},
     {"child_signal_fd", child_signal_fd, METH_NOARGS, child_signal_fd_doc},
     {"signal_all", signal_all, METH_VARARGS, signal_all_doc},
@@ -897,7 +783,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module_definition = {
     PyModuleDef_HEAD_INIT,
     .m_name = "ucspi.server._spawn",
-    .m_doc = "The program's start in C: clone(CLONE_VM|CLONE_VFORK), then execve.",
+    .m_doc = "The program's start in C: clone(CLONE_VM), then execve, never waited for.",
     .m_size = -1,
     .m_methods = methods,
 };

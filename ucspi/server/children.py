@@ -1,8 +1,8 @@
 """The programs: started, known by pid, reaped. Two ways, one interface (make_children):
 
-- EngineChildren, where the C extension is built: its engine's threads spawn (clone-vfork)
-  without the GIL, and the loop takes their answers in batches, woken by one eventfd; it reaps
-  in C at each SIGCHLD (ucspi/server/_spawn.c says how it reaps safely);
+- EngineChildren, where the C extension is built: the loop spawns (a clone that does not wait
+  for the program's exec) and reaps in C at each SIGCHLD, read from a signalfd; no thread and
+  no hand-off per client (ucspi/server/_spawn.c says how);
 - Children, the fallback: glibc's posix_spawn through ctypes (Spawner.spawn), inline or from
   Python worker threads, reaped on SIGCHLD.
 
@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from ucspi.server.spawn import USE_EXTENSION, ForkFailed, Spawner, _extension
+from ucspi.server.spawn import USE_EXTENSION, Spawner, _extension
 
 if TYPE_CHECKING:
     from ucspi.server.connection import Connection
@@ -34,10 +34,6 @@ if TYPE_CHECKING:
 # The fallback's: one spawning thread per core keeps every core busy starting programs (2
 # measured best on 2 cores); past 8 they would only contend for the GIL and the loop's hand-offs.
 SPAWN_THREADS = max(2, min(len(os.sched_getaffinity(0)), 8))
-# The engine's threads hold no GIL and spend most of a spawn waiting for their vfork'd child to
-# exec: two per core keep the cores busy (K=64 on 2 cores: 1.07 -> 1.16x C, 77 -> 54 us of server
-# CPU per connection against two threads; eight gained nothing more).
-ENGINE_SPAWN_THREADS = max(2, min(2 * len(os.sched_getaffinity(0)), 16))
 # Connections waiting for a spawning thread hold a descriptor each: keep them few, as the
 # original, whose parent hands each one to its child at once, holds one at a time.
 MAX_WAITING_SPAWNS = 16
@@ -243,28 +239,26 @@ class Children(_Programs):
             connection.reaped(wait_status)
 
 
-# The engine's events (ucspi/server/_spawn.c, take()).
-_SPAWNED, _EXEC_FAILED, _FORK_FAILED, _ENDED = 0, 1, 2, 3
+# The engine's events (ucspi/server/_spawn.c, reap()).
+_EXEC_FAILED, _ENDED = 1, 3
 
 
 class EngineChildren(_Programs):
-    """The extension's engine: the same interface as Children, without a Python thread or a
-    signal handler per client."""
-
-    default_threads = ENGINE_SPAWN_THREADS
+    """The extension's engine: the same interface as Children, without a thread, a hand-off or
+    a signal handler per client. The loop spawns (a clone that does not wait for the exec) and
+    reaps; a failed exec is told at the reap, as the original's child tells it before its end."""
 
     def _start(self, spawner: Spawner, threads: int) -> None:
-        # token -> connection, from its spawn's start to its program's end (or its failure).
+        # token -> connection, from its spawn to its program's end.
         self._connections: dict[int, Connection] = {}
         self._last_token = 0
         self._events: collections.deque[tuple[int, int, int]] = collections.deque()
-        self._take_scheduled = False
+        self._reap_scheduled = False
         try:
-            wake_fd = _extension.start_engine(spawner.candidates, spawner.argv, threads)
+            _extension.start_engine(spawner.candidates, spawner.argv)
         except Exception as error:  # a server that cannot spawn cannot serve
-            self._on_fatal(b"unable to start a spawning thread: " + type(error).__name__.encode())
+            self._on_fatal(b"unable to start the spawn engine: " + type(error).__name__.encode())
             return
-        self._loop.add_reader(wake_fd, self._take_events, False)
         # Reaping is a round on the loop at each SIGCHLD (an inherited SIG_IGN is replaced: the
         # kernel would reap every program unseen). Blocked here, it comes as a readable signalfd:
         # one read per batch of ends, no signal frame, no Python handler. The handler stays for
@@ -275,75 +269,59 @@ class EngineChildren(_Programs):
         except OSError:  # no signalfd: the handler does it all
             return
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-        self._loop.add_reader(child_signal_fd, self._take_events, True)
+        self._loop.add_reader(child_signal_fd, self.reap)
+
+    @property
+    def can_take_more(self) -> bool:
+        return True  # nothing waits for a thread
 
     def _on_sigchld(self, _signal: int, _frame: object) -> None:
         # Python runs handlers on the main thread, the loop's: no wake-up write is needed.
-        if not self._take_scheduled:
-            self._take_scheduled = True
-            self._loop.call_soon(self._take_events, True)
+        if not self._reap_scheduled:
+            self._reap_scheduled = True
+            self._loop.call_soon(self.reap)
 
     def start(self, connection: Connection, environment: Sequence[bytes]) -> None:
         """Spawn the connection's program; the outcome comes back through connection.spawn_answered."""
         self._last_token = token = self._last_token + 1
-        fds = (connection.stdin_fd, connection.stdout_fd, connection.pass_fds)
-        if self.alone and not self.waiting:
-            # A client that came alone: a thread would only add two wakeups to its latency.
-            self._connections[token] = connection
-            try:
-                pid = _extension.spawn_now(token, environment, *fds)
-            except BaseException as error:
-                del self._connections[token]  # no child, or one the engine reaps unseen
-                connection.spawn_answered(0, error)
-                return
-            connection.pid = pid  # a fault in telling the spawn leaves the slot to the program
-            connection.spawn_answered(pid, None)
+        try:
+            pid = _extension.spawn(token, environment, connection.stdin_fd, connection.stdout_fd, connection.pass_fds)
+        except BaseException as error:
+            connection.spawn_answered(0, error)  # no child
             return
-        _extension.submit(token, environment, *fds)  # raises only before the job is queued
+        # Registered before anything can fail: a fault in telling the spawn leaves the slot to
+        # the program, whose end still comes.
         self._connections[token] = connection
-        self.waiting += 1
+        connection.pid = pid
+        connection.spawn_answered(pid, None)
 
-    def _take_events(self, reap: bool) -> None:
-        """reap: a child has ended (SIGCHLD); take() itself reaps when a round waits for a spawn."""
-        if reap:
-            self._take_scheduled = False  # a SIGCHLD from now on schedules another round
+    def reap(self) -> None:
+        """Every program that has ended, each handed to its connection (on the loop)."""
+        self._reap_scheduled = False  # a SIGCHLD from now on schedules another round
         events = self._events
         try:
-            if reap:
-                _extension.reap()  # never waits: the ends it finds are taken with the rest
-            events.extend(_extension.take())
-        except MemoryError:  # an event lost: a slot would never come back
-            self._on_fatal(b"unable to spawn: out of memory")
+            ended, complete = _extension.reap()  # never waits
+            events.extend(ended)
         except Exception as error:
-            # Nothing taken; the ends a round queued wake nobody (the loop takes them itself,
-            # right after): tried again shortly, never left behind.
+            complete = False
             self._on_error(error)
-            self._loop.call_later(_REAP_RETRY_SECONDS, self._take_events, True)
+        if not complete:
+            # A child whose end could not be told is left unreaped: tried again shortly.
+            self._loop.call_later(_REAP_RETRY_SECONDS, self.reap)
         try:
             while events:
                 kind, token, value = events.popleft()
                 try:
-                    self._answer(kind, token, value)
+                    if kind == _ENDED:
+                        self._connections.pop(token).reaped(value)
+                    else:
+                        self._connections[token].exec_failed(OSError(value, os.strerror(value)))
                 except Exception as error:  # each connection accounts for its own slot
                     self._on_error(error)
         finally:
             if events:  # left by a BaseException: heard next round
-                self._loop.call_soon(self._take_events, False)
+                self._loop.call_soon(self.reap)
             self._on_change()
-
-    def _answer(self, kind: int, token: int, value: int) -> None:
-        if kind == _ENDED:
-            self._connections.pop(token).reaped(value)
-            return
-        self.waiting -= 1
-        if kind == _SPAWNED:
-            connection = self._connections[token]
-            connection.pid = value  # a fault in telling the spawn leaves the slot to the program
-            connection.spawn_answered(value, None)
-            return
-        connection = self._connections.pop(token)
-        error_class = ForkFailed if kind == _FORK_FAILED else OSError
-        connection.spawn_answered(0, error_class(value, os.strerror(value)))
 
     def signal_all(self, number: int) -> None:
         """number to every running program (a drain's end)."""

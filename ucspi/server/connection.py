@@ -330,17 +330,23 @@ class Connection:
                 server.log.emit(Dropped(text, b"fork", peer.remote_ip))
                 self.finish()
                 return
-            # The original's child logged `ok` before its exec failed; no child here, so the
-            # server's own pid stands in the line (differences item 1).
+            # posix_spawn reaped the child whose exec failed: the server's own pid stands in its
+            # `ok` line (differences item 1).
             server.log.emit(SpawnFailed(server.pid, peer, self.rule))
-            text = b"unable to run " + server.spawner.program[0] + b": " + error_text(failure).encode()
-            server.log.emit(Dropped(text, b"exec", peer.remote_ip))
+            self.exec_failed(failure)
             self.finish()
             return
         self.pid = pid
         if server.log.verbose:
             server.log.emit(Served(pid, peer, self.rule))
         self._program_started()
+
+    def exec_failed(self, failure: OSError) -> None:
+        """The program could not be run: the original's child's words (the engine's child ends
+        next, with 111, as the original's does)."""
+        server = self.server
+        text = b"unable to run " + server.spawner.program[0] + b": " + error_text(failure).encode()
+        server.log.emit(Dropped(text, b"exec", self.client_ip()))
 
     def _program_started(self) -> None:
         """The program runs, its start logged (a TLS connection starts its relay here)."""
