@@ -193,34 +193,39 @@ child_main(void *argument)
  */
 
 #define CHILD_STACK_SIZE (16 * 1024) /* child_main needs under a kilobyte */
-#define SLOT_COUNT 128
+#define DEFAULT_SLOTS 128                /* far more than ever wait for their exec at once */
+#define MAX_SLOTS 4096
 
 typedef struct {
     volatile pid_t busy; /* non-zero from the clone until the kernel clears it */
     void *job_memory;    /* freed when the slot is taken again */
 } child_slot;
 
-static child_slot slots[SLOT_COUNT];
-static char *slot_stacks; /* SLOT_COUNT stacks, each above a guard page */
+static child_slot *slots;
+static int slot_count;
+static char *slot_stacks; /* slot_count stacks, each above a guard page */
 static size_t slot_span;  /* one stack and its guard page */
 static int next_slot;
 
 static int
-allocate_slots(void)
+allocate_slots(int count)
 {
     long page = sysconf(_SC_PAGESIZE);
     int i;
 
-    slot_span = CHILD_STACK_SIZE + (size_t)page;
-    slot_stacks = mmap(NULL, slot_span * SLOT_COUNT, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-    if (slot_stacks == MAP_FAILED) {
-        slot_stacks = NULL;
+    if (count == 0)
+        return 0; /* every clone waits for its child's exec */
+    if ((slots = calloc((size_t)count, sizeof *slots)) == NULL)
         return -1;
-    }
+    slot_span = CHILD_STACK_SIZE + (size_t)page;
+    slot_stacks = mmap(NULL, slot_span * count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (slot_stacks == MAP_FAILED)
+        return -1;
     /* A child that overran its stack faults instead of writing into the next one's. */
-    for (i = 0; i < SLOT_COUNT; i++)
+    for (i = 0; i < count; i++)
         if (mprotect(slot_stacks + slot_span * i, (size_t)page, PROT_NONE) == -1)
             return -1;
+    slot_count = count;
     return 0;
 }
 
@@ -230,12 +235,12 @@ free_slot(void)
 {
     int i;
 
-    for (i = 0; i < SLOT_COUNT; i++) {
-        int candidate = (next_slot + i) % SLOT_COUNT;
+    for (i = 0; i < slot_count; i++) {
+        int candidate = (next_slot + i) % slot_count;
         if (__atomic_load_n(&slots[candidate].busy, __ATOMIC_ACQUIRE) == 0) {
             free(slots[candidate].job_memory);
             slots[candidate].job_memory = NULL;
-            next_slot = (candidate + 1) % SLOT_COUNT;
+            next_slot = (candidate + 1) % slot_count;
             return candidate;
         }
     }
@@ -463,18 +468,24 @@ copied_strings(PyObject *sequence, Py_ssize_t *count_out)
 }
 
 PyDoc_STRVAR(start_engine_doc,
-"start_engine(candidates, argv)\n\n"
+"start_engine(candidates, argv, slots=128)\n\n"
 "Make ready to spawn the program argv, run from the first of candidates (paths, in PATH\n"
-"order) that execve takes: the children's stacks are mapped here. Once.");
+"order) that execve takes: the stacks of slots children in flight are mapped here (with 0, or\n"
+"all of them taken, a clone waits for its child's exec). Once.");
 
 static PyObject *
 start_engine(PyObject *module, PyObject *args)
 {
     PyObject *candidates, *argv;
     Py_ssize_t argv_count;
+    int slots_wanted = DEFAULT_SLOTS;
 
-    if (!PyArg_ParseTuple(args, "OO:start_engine", &candidates, &argv))
+    if (!PyArg_ParseTuple(args, "OO|i:start_engine", &candidates, &argv, &slots_wanted))
         return NULL;
+    if (slots_wanted < 0 || slots_wanted > MAX_SLOTS) {
+        PyErr_SetString(PyExc_ValueError, "start_engine: slots out of range");
+        return NULL;
+    }
     if (engine.started) {
         PyErr_SetString(PyExc_RuntimeError, "start_engine: started already");
         return NULL;
@@ -487,7 +498,7 @@ start_engine(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "start_engine: no program");
         return NULL;
     }
-    if (allocate_slots() == -1)
+    if (allocate_slots(slots_wanted) == -1)
         return PyErr_SetFromErrno(PyExc_OSError); /* the server cannot serve: it exits */
     engine.started = 1;
     Py_RETURN_NONE;
