@@ -25,7 +25,7 @@ def ours(command: str) -> Path:
 @pytest.mark.parametrize("command", COMMANDS)
 def test_version_is_setup_cfgs(command: str) -> None:
     result = run_command([ours(command), "--version"])
-    # tcpserver names its spawn path too: `, spawn: vfork extension` or `, spawn: posix_spawn (ctypes)`.
+    # tcpserver names its spawn path too: `, spawn: clone extension` or `, spawn: posix_spawn (ctypes)`.
     spawn = rb"(, spawn: [a-z_ ()]+)?" if command == "tcpserver" else b""
     assert (result.returncode, result.stderr) == (0, b"")
     assert re.fullmatch(re.escape(f"{command} (ucspi) {SETUP_VERSION}".encode()) + spawn + b"\n", result.stdout)

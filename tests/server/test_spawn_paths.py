@@ -361,7 +361,7 @@ def test_pathexec_search_goes_on_past_eacces_and_reports_it(path: list[bytes], t
 
 def test_version_names_the_path() -> None:
     for extra, expected in (
-        ([], b"vfork extension" if EXTENSION_BUILT else b"posix_spawn (ctypes)"),
+        ([], b"clone extension" if EXTENSION_BUILT else b"posix_spawn (ctypes)"),
         ([FORCE_CTYPES], b"posix_spawn (ctypes)"),
     ):
         env = dict(entry.split(b"=", 1) for entry in [*plain_environment(), *extra])

@@ -1,7 +1,8 @@
 """The accept loop: the -c slots, accepting, signals, and the faults no connection owns (docs/behaviour.md §6.5).
 
-Everything runs on one uvloop loop, but for the spawns and the reaping (children.py: the C
-extension's threads, or the fallback's). Each accepted client becomes a Connection
+Everything runs on one uvloop loop, the spawns and the reaping too (children.py: the C
+extension's clone never waits for the exec; the fallback's posix_spawn runs in threads under
+load). Each accepted client becomes a Connection
 (connection.py), which holds a slot from accept until it is denied, dropped or its program has
 been reaped; at the limit the listener leaves the loop's poll set, so new clients wait in the
 kernel's backlog as with the original. The live slots are the registry the status view reads (status.py).

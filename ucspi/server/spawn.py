@@ -1,8 +1,8 @@
 """The program's environment and its start (docs/behaviour.md §6.6, 6.7).
 
 Two ways to start it, the same program state either way:
-- the C extension ucspi.server._spawn: clone(CLONE_VM|CLONE_VFORK) and execve with the GIL
-  released, on the calling thread's stack;
+- the C extension ucspi.server._spawn: clone(CLONE_VM) and execve from the loop's thread,
+  without waiting for the exec (children.py's EngineChildren);
 - where it was not built (no compiler) or UCSPI_NO_EXTENSION=1 forces it, posix_spawn through
   ctypes (not os.posix_spawn: ctypes releases the GIL too, and takes the environment as a raw
   array, so duplicate entries, entries without `=` and the empty name pass as the original
@@ -58,7 +58,7 @@ THREAD_STACK_SIZE = 1 << 20
 
 def spawn_path() -> str:
     """Which way programs start, for --version."""
-    return "vfork extension" if USE_EXTENSION else "posix_spawn (ctypes)"
+    return "clone extension" if USE_EXTENSION else "posix_spawn (ctypes)"
 
 
 # -- what the launcher saw before Python started ---------------------------------------------
