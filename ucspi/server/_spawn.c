@@ -205,7 +205,6 @@ static child_slot *slots;
 static int slot_count;
 static char *slot_stacks; /* slot_count stacks, each above a guard page */
 static size_t slot_span;  /* one stack and its guard page */
-static int next_slot;
 
 static int
 allocate_slots(int count)
@@ -229,21 +228,20 @@ allocate_slots(int count)
     return 0;
 }
 
-/* A free slot, its last job freed; -1 when every one is taken. */
+/* The first free slot, its last job freed; -1 when every one is taken. The first, not the next
+ * in turn: only as many stacks are ever touched (resident) as children wait for their exec at
+ * once, a few, where a rotation would touch all of them. */
 static int
 free_slot(void)
 {
     int i;
 
-    for (i = 0; i < slot_count; i++) {
-        int candidate = (next_slot + i) % slot_count;
-        if (__atomic_load_n(&slots[candidate].busy, __ATOMIC_ACQUIRE) == 0) {
-            free(slots[candidate].job_memory);
-            slots[candidate].job_memory = NULL;
-            next_slot = (candidate + 1) % slot_count;
-            return candidate;
+    for (i = 0; i < slot_count; i++)
+        if (__atomic_load_n(&slots[i].busy, __ATOMIC_ACQUIRE) == 0) {
+            free(slots[i].job_memory);
+            slots[i].job_memory = NULL;
+            return i;
         }
-    }
     return -1;
 }
 
