@@ -228,6 +228,20 @@ allocate_slots(int count)
     return 0;
 }
 
+/* The jobs of the children that have exec'd or ended, freed (each reap round: a burst's
+ * environments are not kept until their slots are taken again). */
+static void
+free_done_jobs(void)
+{
+    int i;
+
+    for (i = 0; i < slot_count; i++)
+        if (slots[i].job_memory != NULL && __atomic_load_n(&slots[i].busy, __ATOMIC_ACQUIRE) == 0) {
+            free(slots[i].job_memory);
+            slots[i].job_memory = NULL;
+        }
+}
+
 /* The first free slot, its last job freed; -1 when every one is taken. The first, not the next
  * in turn: only as many stacks are ever touched (resident) as children wait for their exec at
  * once, a few, where a rotation would touch all of them. */
@@ -272,8 +286,12 @@ clone_child(child_job *job, void *job_memory, int *clone_errno)
             slots[slot].busy = 0; /* the job is freed when the slot is taken again */
     } else {
         char stack[CHILD_STACK_SIZE] __attribute__((aligned(64)));
+        /* Only this clone waits (for the child's exec): the GIL goes meanwhile. The one above
+         * keeps it, lest getting it back wait up to a switch interval for a thread that took it. */
+        Py_BEGIN_ALLOW_THREADS
         pid = clone(child_main, stack + sizeof stack, CLONE_VM | CLONE_VFORK | SIGCHLD, job);
         *clone_errno = pid == -1 ? errno : 0;
+        Py_END_ALLOW_THREADS
         free(job_memory);
     }
     raw_sigprocmask(SIG_SETMASK, &old, NULL);
@@ -375,6 +393,7 @@ reap(PyObject *module, PyObject *unused)
         return NULL;
     if (!engine.started)
         return Py_BuildValue("(NO)", events, Py_True);
+    free_done_jobs();
     if (engine.child_signal_fd != -1) {
         /* Emptied first: a child that ends from here on makes it readable again. */
         struct signalfd_siginfo taken[8];
@@ -600,9 +619,7 @@ spawn(PyObject *module, PyObject *args)
     job->exec_errno = &entry->exec_errno;
     entry->exec_errno = 0;
     entry->token = token;
-    Py_BEGIN_ALLOW_THREADS
     pid = clone_child(job, memory, &clone_errno);
-    Py_END_ALLOW_THREADS
     if (pid == -1) {
         free(entry);
         errno = clone_errno;
