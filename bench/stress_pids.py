@@ -3,8 +3,9 @@
 A rule gives clients from 127.0.0.2 a 200 KB variable (E2BIG: their program cannot start),
 others are served, under -c 20, in a pid namespace of the usual 32,768 pids, until the pids
 have gone round at least once. Checked (exit 1 when one fails): never more than 20 programs at
-once (counted by the programs), every program's end logged with its real status (0), no end
-for a pid that never ran, the last status line 0/20.
+once (counted by the programs), every program's end logged with its real status (0), and every
+child whose exec failed ended with 111 (status 28416, as the original's do; none on the
+fallback, which has no child for them), one per `unable to run` warning, no other end.
 
 Usage: .venv/bin/python bench/stress_pids.py [--pid-max N] [--seconds S]
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 TOP = Path(__file__).resolve().parent.parent
 sys.path.insert(0, os.fspath(TOP / "tests" / "server"))
 
-from serverproc import OUR_SERVER, rules_cdb, start_server, talk  # noqa: E402
+from serverproc import FALLBACK_FORCED, OUR_SERVER, rules_cdb, start_server, talk  # noqa: E402
 from serverstate import in_threads, wait_idle  # noqa: E402
 
 LIMIT = 20
@@ -67,18 +68,26 @@ def main() -> int:
             running, most, programs = counts(counter)
             log = server.log()
         ends = [line for line in log if line.startswith(b"tcpserver: end ")]
-        bad_ends = [line for line in ends if not line.endswith(b" status 0")]
+        served_ends = [line for line in ends if line.endswith(b" status 0")]
+        failed_ends = [line for line in ends if line.endswith(b" status 28416")]
+        bad_ends = len(ends) - len(served_ends) - len(failed_ends)
+        cannot_run = [line for line in log if b"unable to run" in line]
         seconds = time.monotonic() - began
         print(f"stress_pids: {clients} clients, {programs} programs in {seconds:.0f} s, pid space {arguments.pid_max}")
-        print(f"  most programs at once {most} (limit {LIMIT}); end lines {len(ends)}, not status 0: {len(bad_ends)}")
+        print(
+            f"  most programs at once {most} (limit {LIMIT}); end lines {len(ends)}: status 0 {len(served_ends)},"
+            f" 28416 {len(failed_ends)} (`unable to run` warnings {len(cannot_run)}), other {bad_ends}"
+        )
         print(f"  clients with a wrong answer: {dropped_wrong}; running at the end: {running}")
         failures = []
         if programs <= arguments.pid_max:
             failures.append("the pids did not wrap within the time")
         if most > LIMIT:
             failures.append(f"{most} programs at once under -c {LIMIT}")
-        if len(ends) != programs or bad_ends:
+        if len(served_ends) != programs or bad_ends:
             failures.append("end lines do not match the programs that ran")
+        if len(failed_ends) != (0 if FALLBACK_FORCED else len(cannot_run)) or not cannot_run:
+            failures.append("the failed execs' ends do not match their warnings")
         if dropped_wrong or running:
             failures.append("clients answered wrongly")
         for failure in failures:
