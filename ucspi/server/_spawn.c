@@ -198,7 +198,7 @@ child_main(void *argument)
 
 typedef struct {
     volatile pid_t busy; /* non-zero from the clone until the kernel clears it */
-    void *job_memory;    /* freed when the slot is taken again */
+    void *job_memory;    /* freed once the slot is free: at the next reap or clone */
 } child_slot;
 
 static child_slot *slots;
@@ -228,34 +228,39 @@ allocate_slots(int count)
     return 0;
 }
 
-/* The jobs of the children that have exec'd or ended, freed (each reap round: a burst's
- * environments are not kept until their slots are taken again). */
+/* Whether slot i is free: its child has exec'd or ended (the kernel cleared the word), or it
+ * never had one. Its last job is freed then. */
+static int
+slot_done(int i)
+{
+    if (__atomic_load_n(&slots[i].busy, __ATOMIC_ACQUIRE) != 0)
+        return 0;
+    free(slots[i].job_memory);
+    slots[i].job_memory = NULL;
+    return 1;
+}
+
+/* At each reap round: a burst's environments are not kept until their slots come round again. */
 static void
 free_done_jobs(void)
 {
     int i;
 
     for (i = 0; i < slot_count; i++)
-        if (slots[i].job_memory != NULL && __atomic_load_n(&slots[i].busy, __ATOMIC_ACQUIRE) == 0) {
-            free(slots[i].job_memory);
-            slots[i].job_memory = NULL;
-        }
+        slot_done(i);
 }
 
-/* The first free slot, its last job freed; -1 when every one is taken. The first, not the next
- * in turn: only as many stacks are ever touched (resident) as children wait for their exec at
- * once, a few, where a rotation would touch all of them. */
+/* The first free slot; -1 when every one is taken. The first, not the next in turn: only as
+ * many stacks are ever touched (resident) as children wait for their exec at once, a few,
+ * where a rotation would touch all of them. */
 static int
 free_slot(void)
 {
     int i;
 
     for (i = 0; i < slot_count; i++)
-        if (__atomic_load_n(&slots[i].busy, __ATOMIC_ACQUIRE) == 0) {
-            free(slots[i].job_memory);
-            slots[i].job_memory = NULL;
+        if (slot_done(i))
             return i;
-        }
     return -1;
 }
 
@@ -283,7 +288,7 @@ clone_child(child_job *job, void *job_memory, int *clone_errno)
                     NULL, NULL, &slots[slot].busy);
         *clone_errno = pid == -1 ? errno : 0;
         if (pid == -1)
-            slots[slot].busy = 0; /* the job is freed when the slot is taken again */
+            slots[slot].busy = 0; /* its job is freed with the slot's next use */
     } else {
         char stack[CHILD_STACK_SIZE] __attribute__((aligned(64)));
         /* Only this clone waits (for the child's exec): the GIL goes meanwhile. The one above
