@@ -42,9 +42,7 @@ _REAP_RETRY_SECONDS = 0.1
 
 class _Programs:
     """What the loop sees of either way: start, signal_all, and whether to accept more now.
-    Each way starts its threads and its reaping in _start."""
-
-    default_threads = SPAWN_THREADS
+    Each way starts its spawning and its reaping in _start."""
 
     def __init__(
         self,
@@ -53,29 +51,28 @@ class _Programs:
         on_fatal: Callable[[bytes], None],
         on_change: Callable[[], None],
         on_error: Callable[[BaseException], None],
-        threads: int | None = None,
     ) -> None:
         self._loop = loop
         self._on_fatal = on_fatal  # the server cannot spawn any more: it exits
         self._on_error = on_error  # a fault no connection owns: said, and the server goes on
         self._on_change = on_change  # a spawn was answered: accepting may resume
-        self.waiting = 0  # connections handed to the threads and not answered yet
         self.alone = False  # set by the loop: the last wakeup found one client only
-        self._start(spawner, self.default_threads if threads is None else threads)
+        self._start(spawner)
 
-    def _start(self, spawner: Spawner, threads: int) -> None:
+    def _start(self, spawner: Spawner) -> None:
         raise NotImplementedError
 
     @property
     def can_take_more(self) -> bool:
-        return self.waiting < MAX_WAITING_SPAWNS
+        return True
 
 
 class Children(_Programs):
     """pid -> connection for every running program, the spawns in flight and the reaper."""
 
-    def _start(self, spawner: Spawner, threads: int) -> None:
+    def _start(self, spawner: Spawner) -> None:
         self._spawner = spawner
+        self.waiting = 0  # connections handed to the threads and not answered yet
         self._running: dict[int, Connection] = {}
         self._table = threading.Lock()  # the pid table and the count of spawns in flight
         self._spawning = 0  # Spawner.spawn calls in flight, inline or in threads
@@ -85,11 +82,15 @@ class Children(_Programs):
         # The threads' answers, taken on the loop in batches: one wake-up for all that are ready.
         self._answers: collections.deque[tuple[Connection, int, BaseException | None]] = collections.deque()
         self._answers_scheduled = False
-        for _ in range(threads):
+        for _ in range(SPAWN_THREADS):
             self._start_worker()
         # uvloop refuses add_signal_handler(SIGCHLD), but a plain handler works; it only
         # schedules a waitpid(WNOHANG) round on the loop, so no descriptor per child.
         signal.signal(signal.SIGCHLD, self.on_sigchld)
+
+    @property
+    def can_take_more(self) -> bool:
+        return self.waiting < MAX_WAITING_SPAWNS
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -248,7 +249,7 @@ class EngineChildren(_Programs):
     a signal handler per client. The loop spawns (a clone that does not wait for the exec) and
     reaps; a failed exec is told at the reap, as the original's child tells it before its end."""
 
-    def _start(self, spawner: Spawner, threads: int) -> None:
+    def _start(self, spawner: Spawner) -> None:
         # token -> connection, from its spawn to its program's end.
         self._connections: dict[int, Connection] = {}
         self._last_token = 0
@@ -270,10 +271,6 @@ class EngineChildren(_Programs):
             return
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         self._loop.add_reader(child_signal_fd, self.reap)
-
-    @property
-    def can_take_more(self) -> bool:
-        return True  # nothing waits for a thread
 
     def _on_sigchld(self, _signal: int, _frame: object) -> None:
         # Python runs handlers on the main thread, the loop's: no wake-up write is needed.
