@@ -55,12 +55,19 @@ def status_lines(server: ServerProcess, limit: int) -> list[bytes]:
 
 
 def wait_idle(server: ServerProcess, limit: int, timeout: float = 20) -> None:
-    """Until the last status line says 0/limit (every slot back)."""
+    """Until the last status line says 0/limit (every slot back), on two looks in a row: the
+    log's reader may not have caught up yet with a `1/limit` the server wrote before its client
+    was even answered."""
     deadline = time.monotonic() + timeout
+    idle_at = None  # the count of status lines when the last one was first seen idle
     while time.monotonic() < deadline:
         lines = status_lines(server, limit)
         if lines and lines[-1] == b"tcpserver: status: 0/%d" % limit:
-            return
+            if idle_at == len(lines):
+                return
+            idle_at = len(lines)
+        else:
+            idle_at = None
         time.sleep(0.05)
     raise AssertionError(f"never idle again: {server.log()[-5:]!r}")
 
