@@ -424,24 +424,27 @@ reap(PyObject *module, PyObject *unused)
         entry = find_registered(info.si_pid, &link);
         pthread_mutex_unlock(&engine.lock);
         if (entry != NULL) {
+            /* Made without the lock: a finalizer run by the allocation may call in again. */
+            Py_ssize_t before = PyList_GET_SIZE(events);
             status = info.si_code == CLD_EXITED ? (info.si_status & 0xff) << 8
                    : (info.si_status & 0x7f) | (info.si_code == CLD_DUMPED ? 0x80 : 0);
             exec_errno = entry->exec_errno;
             if ((exec_errno && append_event(events, EVENT_EXEC_FAILED, entry->token, exec_errno) < 0)
                 || append_event(events, EVENT_ENDED, entry->token, status) < 0) {
-                /* Out of memory: this child waits, unreaped, for the caller's next round. */
+                /* Out of memory: this child waits, unreaped, for the caller's next round, and
+                 * none of its events is told twice. */
                 PyErr_Clear();
-                if (exec_errno && PyList_GET_SIZE(events) > 0)
-                    PyList_SetSlice(events, PyList_GET_SIZE(events) - 1, PyList_GET_SIZE(events), NULL);
+                PyList_SetSlice(events, before, PyList_GET_SIZE(events), NULL);
                 complete = 0;
                 break;
             }
         }
-        /* Registered or not (a child the process had before it was tcpserver), reaped now. */
+        /* Registered or not (a child the process had before it was tcpserver), reaped now;
+         * looked up again for its link, which the lock did not hold meanwhile. */
         pthread_mutex_lock(&engine.lock);
         while (waitpid(info.si_pid, &status, 0) == -1 && errno == EINTR)
             ;
-        if (entry != NULL) {
+        if (entry != NULL && find_registered(info.si_pid, &link) == entry) {
             *link = entry->next;
             free(entry);
         }
