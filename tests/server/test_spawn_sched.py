@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import platform
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,8 +44,6 @@ def _slice_is_settable() -> bool:
     if _SCHED_SETATTR is None:
         return False
     wrapper = [*_custom_slice_wrapper(500_000), "/bin/grep", "-E", r"^se\.slice ", "/proc/self/sched"]
-    import subprocess
-
     done = subprocess.run(wrapper, capture_output=True, check=False)
     return done.returncode == 0 and done.stdout.split()[-1:] == [b"500000"]
 
