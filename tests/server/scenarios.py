@@ -106,15 +106,20 @@ def served_environment(
     bare: bool = False,
     connections: int = 1,
     program: Sequence[str] = CAT_ENVIRON,
+    clients_took: list[float] | None = None,
 ) -> Outcome:
-    """One or more clients of `tcpserver -v OPTIONS [-x rules.cdb] 127.0.0.1 0 cat /proc/self/environ`."""
+    """One or more clients of `tcpserver -v OPTIONS [-x rules.cdb] 127.0.0.1 0 cat /proc/self/environ`;
+    clients_took, if given, gets the seconds the clients took (the server's start-up left out)."""
     arguments = ["-v", *options]
     if rules is not None:
         arguments += ["-x", os.fspath(rules_cdb(directory, rules))]
     command = implementation.bare_command if bare else implementation.command
     with start_server(command, arguments, program, environment=environment) as server:
         server.wait_for_log(r"^tcpserver: status: 0/40$")
+        began = time.monotonic()
         replies = [talk_in_turn(server, source=source) for _ in range(connections)]
+        if clients_took is not None:
+            clients_took.append(time.monotonic() - began)
         log = finish(server, connections)
     return Outcome(replies, log)
 
@@ -367,11 +372,18 @@ def lookup_environment(
         identd = None
         if ident_mode is not None:
             identd = fakes.enter_context(FakeIdentd(ip, mode=ident_mode, reply=ident_reply))  # type: ignore[arg-type]
-        began = time.monotonic()
+        # The clients' time only: a Python server's start-up under load could pass a second alone.
+        clients_took: list[float] = []
         outcome = served_environment(
-            implementation, options, rules=rules, directory=directory, environment=environment, source=ip
+            implementation,
+            options,
+            rules=rules,
+            directory=directory,
+            environment=environment,
+            source=ip,
+            clients_took=clients_took,
         )
-        took = time.monotonic() - began
+        took = clients_took[0]
     if server_dns is not None:
         outcome.facts["questions"] = sorted({(request.qname, request.rdtype) for request in server_dns.requests})
     if identd is not None:
