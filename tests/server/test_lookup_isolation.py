@@ -30,13 +30,15 @@ from serverproc import (
     TOP,
     Implementation,
     ServerProcess,
+    connect,
     original_available,
     plain_environment,
+    read_to_eof,
     rules_cdb,
     start_server,
     talk,
 )
-from serverstate import more_descriptors, wait_idle, warnings
+from serverstate import descriptors, more_descriptors, wait_idle, warnings
 
 IMPLEMENTATIONS = [OUR_SERVER, *([ORIGINAL_SERVER] if original_available() else [])]
 
@@ -327,3 +329,37 @@ def test_row10_dns_answers_survive_junk(implementation: Implementation) -> None:
     assert dns.junk_sent >= 2000 * 13  # the junk really went out
     assert len(dns.requests) == 13  # and no answer was lost: not one query asked again
     assert not dns.errors
+
+
+# ---------------------------------------------------------------- the rules file, opened with the table full
+
+
+def test_the_rules_file_waits_for_a_descriptor_instead_of_dropping_the_client(tmp_path: Path) -> None:
+    """Clients waiting for their PROXY header fill the server's table (RLIMIT_NOFILE 32) before
+    the rules file was ever opened; one then sends its header. The original opens the file in
+    that client's own child; ours must wait for a descriptor (one more client leaves), not drop it
+    with `unable to read rules.cdb: process cannot open more files`."""
+    limit = 32
+    rules = rules_cdb(tmp_path, "192.0.2.7:allow\n:deny\n")
+    options = ["-v", "-H", "-R", "-l", "localhost", "-x", str(rules), "-c", "200", "-b", "64"]
+    options.append("--proxy-from=127.0.0.1/32")
+    with start_server(OUR_SERVER.command, options, ["/bin/echo", "allowed"]) as server:
+        server.wait_for_log(r"^tcpserver: status: 0/200$")
+        _short_of_descriptors(server, limit)
+        idle = [connect(server.port) for _ in range(limit + 8)]
+        try:
+            deadline = time.monotonic() + 10
+            while len(descriptors(server.pid)) < limit and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert len(descriptors(server.pid)) == limit, "the server's table never filled"
+            headed = idle.pop(0)
+            headed.sendall(b"PROXY TCP4 192.0.2.7 198.51.100.1 5555 25\r\n")
+            time.sleep(0.3)  # the rules file's open meets EMFILE meanwhile
+            idle.pop(0).close()  # one accepted before it leaves: a descriptor comes back
+            assert read_to_eof(headed, 5.0) == b"allowed\n", warnings(server)
+            headed.close()
+        finally:
+            for client in idle:
+                client.close()
+        wait_idle(server, 200)
+        assert not [line for line in warnings(server) if b"rules.cdb" in line]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ucspi.errors import error_text
 from ucspi.rules.database import Verdict
 from ucspi.rules.lookup import NO_RULE
-from ucspi.server.descriptors import DESCRIPTORS
+from ucspi.server.descriptors import DESCRIPTORS, SHORTAGE_ERRORS
 from ucspi.server.limits import Refusal, Ticket
 from ucspi.server.log import (
     Denied,
@@ -128,7 +128,10 @@ class Connection:
                 self.peer = peer = await server.facts.gather(local, remote, relay)
             else:
                 self.peer = peer = server.facts.known(local, remote)
-            decision, deny, rule_variables = self._rules(peer)
+            verdict = self._rules(peer)
+            if verdict is None:
+                verdict = await self._rules_when_descriptors_free(peer)
+            decision, deny, rule_variables = verdict
             if server.log.structured and decision.key is not None:
                 self.rule = rule_key(decision.key, decision.cidr)
             if deny:
@@ -238,7 +241,8 @@ class Connection:
         except OSError as error:
             raise Drop(b"unable to get local address: " + error_text(error).encode(), b"sockname") from None
 
-    def _rules(self, peer: Peer) -> Verdict:
+    def _rules(self, peer: Peer) -> Verdict | None:
+        """The rules' verdict; None when the file's open found no descriptor free (wait, then ask again)."""
         server = self.server
         rules = server.rules
         if rules is None:
@@ -246,11 +250,28 @@ class Connection:
         try:
             return rules.verdict(peer.rules_ip, peer.remote_host, peer.remote_info)
         except OSError as error:
-            if isinstance(error, FileNotFoundError) and server.options.allow_missing_rules:
-                return _NO_RULE_VERDICT
-            assert server.options.rules_path is not None
-            text = b"unable to read " + server.options.rules_path + b": " + error_text(error).encode()
-            raise Drop(text, b"cdb") from None
+            if error.errno in SHORTAGE_ERRORS:
+                return None
+            return self._rules_unreadable(error)
+
+    async def _rules_when_descriptors_free(self, peer: Peer) -> Verdict:
+        # The original opens the file in the client's own child, whose table is never full: ours
+        # waits in the descriptor gate's line, as a lookup's socket does, instead of dropping.
+        rules = self.server.rules
+        assert rules is not None
+        try:
+            return await DESCRIPTORS.opened(lambda: rules.verdict(peer.rules_ip, peer.remote_host, peer.remote_info))
+        except OSError as error:
+            return self._rules_unreadable(error)
+
+    def _rules_unreadable(self, error: OSError) -> Verdict:
+        """No rule under --allow-missing-rules for a missing file; else the original's drop."""
+        options = self.server.options
+        if isinstance(error, FileNotFoundError) and options.allow_missing_rules:
+            return _NO_RULE_VERDICT
+        assert options.rules_path is not None
+        text = b"unable to read " + options.rules_path + b": " + error_text(error).encode()
+        raise Drop(text, b"cdb") from None
 
     def _refuse(self, peer: Peer, refusal: Refusal) -> None:
         """At a limit: the message once, without waiting, then EOF; no child, the slot back at once."""

@@ -1,4 +1,4 @@
-"""One gate for the descriptors the server's lookups open (DNS and ident sockets).
+"""One gate for the descriptors the server opens for its clients: DNS and ident sockets, rules files.
 
 The original's lookups run in each client's own child, with its own descriptor table: they never
 find the table full. Ours share one table with every accepted connection, so a lookup that meets
@@ -6,7 +6,8 @@ EMFILE (or ENFILE, ENOBUFS, ENOMEM) waits here for a descriptor instead of faili
 in arrival order; only the head tries again, when someone calls released() or after a short retry
 interval, and each waiter that gets its socket lets the next one try at once. While anyone waits,
 `starved` is true and the accept loop takes no new client (it is told through `on_relieved` when
-the wait is over).
+the wait is over). The rules file's open waits the same way (`opened`): the original opens it in
+each child, whose table is never full.
 
 Two things keep a full table from becoming a hang:
 - One descriptor is kept in reserve (/dev/null), opened only while another is still free. When
@@ -25,9 +26,12 @@ import errno
 import os
 import socket
 from collections.abc import Callable
+from typing import TypeVar
+
+_Opened = TypeVar("_Opened")
 
 # Errors that say "no descriptor or buffer now", not "this socket cannot exist".
-_SHORTAGE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+SHORTAGE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # How long the head waiter sleeps when no release wakes it (a descriptor closed outside our sight).
 RETRY_SECONDS = 0.025
 # Waiting with none of our sockets open and no release meanwhile: nothing will come back.
@@ -60,12 +64,22 @@ class DescriptorGate:
 
         Other errors (an unsupported family, say) are raised as socket.socket raises them.
         """
+        sock = await self.opened(lambda: socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC))
+        self._open_sockets += 1  # given back through close()
+        return sock
+
+    async def opened(self, open_: Callable[[], _Opened]) -> _Opened:
+        """open_()'s result, called again while it fails for want of a descriptor (SHORTAGE_ERRORS).
+
+        Its other errors are raised as it raises them; a shortage nothing can relieve is raised
+        after stuck_seconds.
+        """
         loop = asyncio.get_running_loop()
         self._used = True
         if not self._waiters:
-            sock = self._try_socket(family, kind, loop)
-            if sock is not None:
-                return sock
+            found, opened = self._try(open_, loop)
+            if found:
+                return opened  # type: ignore[return-value]
         turn: asyncio.Future[None] = loop.create_future()
         if not self._waiters:
             self._last_progress = max(self._last_progress, loop.time())  # the wait starts now
@@ -75,9 +89,9 @@ class DescriptorGate:
                 if turn is self._waiters[0]:
                     self._arm_retry(loop)
                 await turn
-                sock = self._try_socket(family, kind, loop)
-                if sock is not None:
-                    return sock
+                found, opened = self._try(open_, loop)
+                if found:
+                    return opened  # type: ignore[return-value]
                 # Still short: keep the head of the line and wait for the next release or retry.
                 turn = loop.create_future()
                 self._waiters[0] = turn
@@ -104,26 +118,26 @@ class DescriptorGate:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _try_socket(self, family: int, kind: int, loop: asyncio.AbstractEventLoop) -> socket.socket | None:
+    def _try(self, open_: Callable[[], _Opened], loop: asyncio.AbstractEventLoop) -> tuple[bool, _Opened | None]:
+        """(True, what open_ gave), or (False, None) while descriptors are short."""
         for _ in range(2):
             try:
-                sock = socket.socket(family, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+                opened = open_()
             except OSError as error:
-                if error.errno not in _SHORTAGE_ERRORS:
+                if error.errno not in SHORTAGE_ERRORS:
                     raise
                 self._last_shortage = error
                 if self._reserve is None:
-                    return None
-                # The reserve's descriptor becomes this socket's (the lowest free number).
+                    return False, None
+                # The reserve's descriptor becomes the new one's (the lowest free number).
                 os.close(self._reserve)
                 self._reserve = None
                 continue
-            self._open_sockets += 1
             self._last_progress = loop.time()
             if self._reserve is None and not self._waiters:
                 self._open_reserve()
-            return sock
-        return None
+            return True, opened
+        return False, None
 
     def _open_reserve(self) -> None:
         """Hold one descriptor back, but never the last free one: the accept loop needs it too."""
