@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import signal
 import socket
@@ -101,6 +102,9 @@ class Slot:
         server = self._server
         if server is not None:
             self._server = None
+            # The connection and its slot hold each other: let go, so that both go with their
+            # last reference, not at a collection of the cyclic garbage collector.
+            self.connection = None
             server.live.discard(self)
             server.slot_given_back()
 
@@ -170,6 +174,8 @@ class Server:
             self.notifier.ready(endpoints, self.slots_taken, self.limit, loop)
         if self.status_socket is not None:
             self.status_socket.start(loop, self.status_json)
+        # What start-up made lives as long as the server: a full collection need not walk it.
+        gc.freeze()
         loop.run_forever()
 
     def die(self, text: bytes) -> None:
