@@ -32,6 +32,7 @@ from serverproc import (
     rules_cdb,
     start_server,
 )
+from serverstate import children
 
 from ucspi.server.log import StatClient, StatSummary
 from ucspi.server.logformats import JsonFormat
@@ -236,6 +237,48 @@ def test_the_socket_is_0600_and_owned_by_the_server_user(status_path: Path) -> N
         assert stat.S_IMODE(facts.st_mode) == 0o600
         assert (facts.st_uid, facts.st_gid) == (NOBODY, NOBODY)
         assert _status(status_path)[0]["conns"] == 0
+
+
+@needs_root
+@needs_tool("strace", "strace")
+def test_a_symlink_put_in_the_socket_files_place_is_refused_not_followed(status_path: Path, tmp_path: Path) -> None:
+    """Whoever may write the directory swaps the new socket file for a symlink to a file of root's
+    before the server (still root) gives the socket to -u/-g: strace holds each bind's return
+    for 0.5 s, so the swap comes between bind and chown every time. The file keeps its owner and
+    mode; the server says the path is taken and exits 111."""
+    victim = tmp_path / "victim"
+    victim.write_text("root's\n")
+    victim.chmod(0o644)
+    held_binds = ["strace", "-f", "-qq", "--seccomp-bpf", "-o", "/dev/null", "-e", "trace=bind"]
+    held_binds += ["-e", "inject=bind:delay_exit=500000"]
+    options = ["-1", "-HR", f"-u{NOBODY}", f"-g{NOBODY}", f"--status-socket={status_path}", "127.0.0.1", "0", *HOLD]
+    process = launch(OUR_SERVER.command, options, wrapper=held_binds)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.lexists(status_path) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert os.path.lexists(status_path), "the socket file never came"
+        swap = tmp_path / "swap"
+        swap.symlink_to(victim)
+        swap.rename(status_path)
+        try:
+            _, stderr = process.communicate(timeout=5)
+        except subprocess.TimeoutExpired:  # it started, chowning what the link named
+            stderr = b""
+    finally:
+        if process.poll() is None:
+            # The server first: strace reaps it and ends (killed first, it would leave the server running).
+            for pid, _state in children(process.pid):
+                os.kill(pid, signal.SIGKILL)
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+    facts = os.stat(victim)
+    assert (facts.st_uid, facts.st_gid, stat.S_IMODE(facts.st_mode)) == (0, 0, 0o644)
+    assert process.returncode == 111
+    assert stderr == b"tcpserver: fatal: unable to bind status socket %s: address already used\n" % bytes(status_path)
 
 
 def test_a_program_does_not_get_the_status_socket(status_path: Path) -> None:

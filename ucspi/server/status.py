@@ -141,15 +141,16 @@ class StatusSocket:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             _remove_stale(path)
-            # No moment in which the socket file is open to others: only the server's thread runs yet.
+            # Made 0600 by bind itself, so no moment in which the file is open to others (only the
+            # server's thread runs yet), and no chmod by path, which would follow what the path
+            # became meanwhile.
             umask = os.umask(0o177)
             try:
                 listener.bind(path)
             finally:
                 os.umask(umask)
-            os.chmod(path, 0o600)
             if uid or gid:
-                os.chown(path, uid or -1, gid or -1)
+                _chown_socket_file(path, uid or -1, gid or -1)
             listener.listen(64)
         except OSError as error:
             listener.close()
@@ -206,6 +207,22 @@ class StatusSocket:
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
+
+
+def _chown_socket_file(path: bytes, uid: int, gid: int) -> None:
+    """chown the socket file at path, never what whoever may write its directory put there since
+    bind (as root, a symlink followed would give any file to the -u user): not a socket, it is
+    EADDRINUSE."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+        try:
+            os.chown(b"/proc/self/fd/%d" % fd, uid, gid)  # the file opened, whatever the path names now
+        except FileNotFoundError:  # no /proc: a symlink's own owner changes, not its target's
+            os.chown(path, uid, gid, follow_symlinks=False)
+    finally:
+        os.close(fd)
 
 
 def _remove_stale(path: bytes) -> None:
