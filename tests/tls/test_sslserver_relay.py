@@ -7,6 +7,8 @@ which decides every byte (close_notify or a bare FIN or an RST). Every wait is b
 from __future__ import annotations
 
 import os
+import signal
+import ssl
 import sys
 import time
 
@@ -17,6 +19,7 @@ from tls.tlsclient import (
     TlsClient,
     client_hello,
     open_descriptors,
+    records,
     rss_kib,
     serverproc,
     start_sslserver,
@@ -193,3 +196,52 @@ def test_garbage_is_refused_with_a_log_line(tls_certs: Certificates, garbage: by
             serverproc.read_to_eof(sock, 5)
         server.wait_for_log(r"unable to accept SSL: ", count=2)
         settled(server, before)
+
+
+def _unread_by_server(server_port: int, client_port: int) -> int | None:
+    """What the server's end of this loopback connection holds unread (its rx_queue in /proc/net/tcp)."""
+    with open("/proc/net/tcp") as table:
+        for row in table.read().splitlines()[1:]:
+            fields = row.split()
+            local, remote = fields[1].rpartition(":")[2], fields[2].rpartition(":")[2]
+            if int(local, 16) == server_port and int(remote, 16) == client_port:
+                return int(fields[4].partition(":")[2], 16)
+    return None
+
+
+def test_records_behind_a_full_buffer_the_pipe_takes_at_once_are_still_read(tls_certs: Certificates) -> None:
+    """Four full records make exactly BUFFER bytes of plaintext, which an empty pipe takes in one
+    write: the close_notify left behind them in the BIO must still be read, though the socket
+    brings nothing more (the client waits for the answer; it sends no FIN).
+
+    A socket read is BUFFER bytes at most, less than four records: the first record but its last
+    byte goes alone; the rest comes in one read, the server stopped until all of it is in its socket."""
+    with start_sslserver(["-Q"], ["sh", "-c", "echo ready; exec wc -c"], tls_certs.environment()) as server:
+        with TlsClient(server.port, timeout=10) as client:
+            client.handshake()
+            assert client.read_until(b"ready\n", timeout=5) == b"ready\n"  # the relay runs, wc waits on its pipe
+            client.flush()
+            client.obj.write(b"x" * 65536)
+            try:
+                client.obj.unwrap()
+            except ssl.SSLWantReadError:
+                pass  # the close_notify is queued
+            wire = client.outgoing.read()
+            lengths = [5 + len(body) for _, body in records(wire)]  # 4 full records, then the close_notify
+            assert len(lengths) == 5 and len(set(lengths[:4])) == 1 and sum(lengths) == len(wire), lengths
+            first_part = lengths[0] - 1
+            server_port, client_port = server.port, client.sock.getsockname()[1]
+
+            def unread() -> int | None:
+                return _unread_by_server(server_port, client_port)
+
+            client.sock.sendall(wire[:first_part])
+            assert wait_until(lambda: unread() == 0, 5), unread()  # read into the BIO: no plaintext yet
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                client.sock.sendall(wire[first_part:])
+                assert wait_until(lambda: unread() == len(wire) - first_part, 5), unread()
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+            ending = client.read_all(timeout=5)
+        assert ending == type(ending)(b"65536\n", "close_notify")

@@ -282,7 +282,14 @@ class Relay:
 
     def _pull_plaintext(self) -> None:
         sslobj = self.session.ssl
-        while not self.peer_ended and len(self.to_program) < BUFFER:
+        while not self.peer_ended:
+            if len(self.to_program) >= BUFFER:
+                # An empty pipe takes all BUFFER bytes at once; stopping then would leave the records
+                # still in the BIO with no callback armed for them (no pipe writer; the socket may
+                # bring nothing more). Read on unless the pipe left some behind: its writer pulls.
+                self._flush_program()
+                if self.to_program:
+                    break
             try:
                 chunk = sslobj.read(_READ)
             except ssl.SSLWantReadError:
