@@ -5,9 +5,11 @@ the stress run (bench/stress.py); every wait here has a bound.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import resource
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -113,3 +115,35 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+# A wrapper (serverproc.launch's `wrapper`) that runs our command named by its first argument
+# under an interpreter keeping what the cyclic collector finds (gc.DEBUG_SAVEALL); at SIGUSR2 the
+# process writes `garbage: {TYPE: COUNT, ...}` on stderr (garbage_kinds reads it).
+KEEPING_GARBAGE = r"""
+import collections, gc, os, signal, sys
+gc.set_debug(gc.DEBUG_SAVEALL)
+
+def report(*_):
+    gc.collect()
+    kinds = collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage)
+    os.write(2, b"garbage: %s\n" % repr(dict(kinds)).encode())
+
+signal.signal(signal.SIGUSR2, report)
+sys.argv = sys.argv[1:]
+from ucspi.cli import run
+run(os.path.basename(sys.argv[0]))
+"""
+
+
+def garbage_kinds(server: ServerProcess, pid: int | None = None) -> dict[str, int]:
+    """What a server under KEEPING_GARBAGE (process pid, default its own) has found so far, by type."""
+    reports = len([line for line in server.log() if line.startswith(b"garbage: ")])
+    os.kill(server.pid if pid is None else pid, signal.SIGUSR2)
+    line = server.wait_for_log(r"^garbage: ", count=reports + 1)[reports]
+    return ast.literal_eval(line.split(b": ", 1)[1].decode())
+
+
+def garbage_added(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The kinds garbage_kinds found more of in `after`, and how many more."""
+    return {kind: count - before.get(kind, 0) for kind, count in after.items() if count > before.get(kind, 0)}

@@ -431,6 +431,7 @@ PYTHON = Path(sys.executable)
 
 sys.path.insert(0, str(TOP / "tests" / "server"))
 import serverproc  # noqa: E402  (tests/server/serverproc.py: start_server, ServerProcess)
+import serverstate  # noqa: E402, F401  (tests/server/serverstate.py, for the tests here)
 
 
 def start_sslserver(

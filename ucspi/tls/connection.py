@@ -432,7 +432,7 @@ class TLSConnection(Connection):
     def _close_descriptor(self) -> None:
         relay = self._relay
         if relay is not None:
-            relay.stop()
+            relay.let_go()
         session = self._session
         if session is not None and relay is None:
             for writing in (False, True):  # a handshake cut short may still be watching

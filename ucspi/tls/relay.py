@@ -41,6 +41,16 @@ def _block_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # SIGCHLD and the rest: the loop's
 
 
+def _outcome_of(step: Callable[[], object]) -> BaseException | None:
+    """What step() raised, without the handshake thread's frames; None when it returned."""
+    try:
+        step()
+    except BaseException as error:
+        error.__traceback__ = None
+        return error
+    return None
+
+
 def _handshake_pool() -> concurrent.futures.ThreadPoolExecutor:
     global _pool
     if _pool is None:
@@ -108,14 +118,27 @@ class TLSSession:
             raise HandshakeFailed(ssl_reason(error)) from None
 
     async def _off_the_loop(self, step: Callable[[], object], deadline: float | None) -> None:
-        future = self.loop.run_in_executor(_handshake_pool(), step)
-        if deadline is None:
-            await future
-            return
-        try:  # a step stuck in its thread is left there; the connection ends at the deadline all the same
-            await asyncio.wait_for(future, max(0.0, deadline - self.loop.time()))
+        """step() in a handshake thread; what it raised (SSLWantReadError at most steps) raised here.
+
+        The error comes back as the future's result, not its exception: a future holding the
+        error whose traceback holds the frames that hold the future is a cycle, and every
+        handshake would leave its connection (session, BIOs, buffers) to the cyclic collector.
+        """
+        future = self.loop.run_in_executor(_handshake_pool(), _outcome_of, step)
+        try:
+            if deadline is None:
+                error = await future
+            else:  # a step stuck in its thread is left there; the connection ends at the deadline all the same
+                error = await asyncio.wait_for(future, max(0.0, deadline - self.loop.time()))
         except TimeoutError:
             raise _Expired() from None
+        finally:
+            del future
+        if error is not None:
+            try:
+                raise error
+            finally:
+                error = None  # its traceback holds this frame
 
     def _send_alert(self) -> None:
         """What OpenSSL queued (an alert), once, without waiting: the connection is over anyway."""
@@ -496,6 +519,17 @@ class Relay:
         self._idle_timer = self._close_timer = None
         self._close_fd("to_program_fd")
         self._close_fd("from_program_fd")
+
+    def let_go(self) -> None:
+        """Stopped for good: the callbacks go, so that the connection they belong to (which holds
+        this relay) is freed with its last reference, not left to the cyclic collector."""
+        self.stop()
+        self.on_end = _ended_already
+        self.on_truncation = None
+
+
+def _ended_already(_reason: str | None) -> None:
+    """on_end once the relay was let go: nobody is left to tell."""
 
 
 class _socket_of:
