@@ -16,11 +16,12 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ClassVar, TypeVar
 
 from ucspi.errors import error_text
 from ucspi.server.connection import Connection, Drop
+from ucspi.server.descriptors import DESCRIPTORS, SHORTAGE_ERRORS
 from ucspi.server.limits import Refusal
 from ucspi.server.log import Dropped, TLSAccepted, TLSFailed, TLSTruncated
 from ucspi.server.peer import Peer, Relay
@@ -29,6 +30,8 @@ from ucspi.tls.context import TLSSetup, certificate_variables
 from ucspi.tls.options import CLIENT_CERT_MATCH
 from ucspi.tls.relay import HandshakeFailed, TLSSession
 from ucspi.tls.relay import Relay as TLSRelay
+
+_Opened = TypeVar("_Opened")
 
 
 def ssl_address_variables(peer: Peer) -> list[tuple[bytes, bytes | None]]:
@@ -182,12 +185,22 @@ class TLSConnection(Connection):
         changes += limit_variables
         self._changes = changes
         self._rule_variables = rule_variables
-        if options.starttls:
-            self._start_program_plain(rule_variables)
-            return
         from ucspi.server.connection import start_eagerly
 
-        start_eagerly(self._handshake_then_program(), self.server.loop, self.server._tasks)
+        steps = self._program_plain(rule_variables) if options.starttls else self._handshake_then_program()
+        start_eagerly(self._ending_on_failure(steps), self.server.loop, self.server._tasks)
+
+    async def _ending_on_failure(self, steps: Coroutine[Any, Any, None]) -> None:
+        """The connection's steps after the limits; a drop or a fault ends it, as in Connection.run."""
+        try:
+            await steps
+        except Drop as drop:
+            try:
+                self.server.log.emit(Dropped(drop.text, drop.code, self.client_ip()))
+            finally:
+                self.finish()
+        except Exception as error:
+            self.internal_error(error)
 
     async def _handshake(self) -> TLSSession | None:
         """The handshake within -T, and the client's certificate checked: the session, logged;
@@ -204,28 +217,19 @@ class TLSConnection(Connection):
         return session
 
     async def _handshake_then_program(self) -> None:
-        server = self.server
-        try:
-            session = await self._handshake()
-            if session is None:
-                self.finish()
-                return
-            changes = list(self._changes)
-            if self.setup.options.ssl_variables:
-                changes += session_variables(self.setup, session.ssl, self._server_variables(session))
-            changes += self._rule_variables
-            # Pipes: the program's ends blocking (as a program expects), ours made non-blocking by the relay.
-            (to_program_read, to_program_write), (from_program_read, from_program_write) = _pipes()
-            self._program_fds = (to_program_read, from_program_write)
-            self._tls_fds = (to_program_write, from_program_read)
-            self._spawn(changes)
-        except Drop as drop:
-            try:
-                server.log.emit(Dropped(drop.text, drop.code, self.client_ip()))
-            finally:
-                self.finish()
-        except Exception as error:
-            self.internal_error(error)
+        session = await self._handshake()
+        if session is None:
+            self.finish()
+            return
+        changes = list(self._changes)
+        if self.setup.options.ssl_variables:
+            changes += session_variables(self.setup, session.ssl, self._server_variables(session))
+        changes += self._rule_variables
+        # Pipes: the program's ends blocking (as a program expects), ours made non-blocking by the relay.
+        (to_program_read, to_program_write), (from_program_read, from_program_write) = await _pipes()
+        self._program_fds = (to_program_read, from_program_write)
+        self._tls_fds = (to_program_write, from_program_read)
+        self._spawn(changes)
 
     def _new_session(self) -> TLSSession:
         session = TLSSession(self.server.loop, self.fd, self.setup.context)
@@ -268,16 +272,13 @@ class TLSConnection(Connection):
 
     # -- -n: UCSPI-TLS ------------------------------------------------------------------------
 
-    def _start_program_plain(self, rule_variables: Sequence[tuple[bytes, bytes]]) -> None:
-        try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as error:
-            raise Drop(b"unable to create socketpair: " + error_text(error).encode(), b"tls") from None
+    async def _program_plain(self, rule_variables: Sequence[tuple[bytes, bytes]]) -> None:
+        ours, theirs = await _opened(_control_pair, b"unable to create socketpair: ")
         self._ctl = ours
         ours.setblocking(False)
         try:
-            (to_program_read, to_program_write), (from_program_read, from_program_write) = _pipes()
-        except Drop:
+            (to_program_read, to_program_write), (from_program_read, from_program_write) = await _pipes()
+        except BaseException:
             theirs.close()
             raise
         self._program_fds = (theirs.detach(), to_program_read, from_program_write)
@@ -464,18 +465,38 @@ class TLSConnection(Connection):
         super().internal_error(error)
 
 
-def _pipes() -> tuple[tuple[int, int], tuple[int, int]]:
+async def _pipes() -> tuple[tuple[int, int], tuple[int, int]]:
     """The program's two pipes (close-on-exec; spawn dup2s its ends onto 0 and 1), or Drop."""
-    try:
-        first = os.pipe()
-    except OSError as error:
-        raise Drop(b"unable to create pipe: " + error_text(error).encode(), b"tls") from None
+    return await _opened(_two_pipes, b"unable to create pipe: ")
+
+
+def _two_pipes() -> tuple[tuple[int, int], tuple[int, int]]:
+    first = os.pipe()
     try:
         return first, os.pipe()
-    except OSError as error:
+    except BaseException:
         for fd in first:
             os.close(fd)
-        raise Drop(b"unable to create pipe: " + error_text(error).encode(), b"tls") from None
+        raise
+
+
+def _control_pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+
+
+async def _opened(open_: Callable[[], _Opened], failure: bytes) -> _Opened:
+    """open_()'s descriptors; with none free, they are waited for in the descriptor gate's line, as
+    a lookup's socket is (the original makes them in the client's own child, whose table is never
+    full). Drop with `failure` and the error's words when they cannot be had."""
+    try:
+        return open_()
+    except OSError as error:
+        if error.errno not in SHORTAGE_ERRORS:
+            raise Drop(failure + error_text(error).encode(), b"tls") from None
+    try:
+        return await DESCRIPTORS.opened(open_)
+    except OSError as error:
+        raise Drop(failure + error_text(error).encode(), b"tls") from None
 
 
 def _printable(data: bytes) -> bytes:
