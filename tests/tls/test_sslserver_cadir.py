@@ -20,6 +20,8 @@ from pathlib import Path
 from tls.certs import Certificates
 from tls.tlsclient import children_of, start_sslserver
 
+HOSTILE = 9  # one more than the handshake pool's most threads
+
 
 def _context(certificate: Path, key: Path) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -77,6 +79,54 @@ def test_a_fifo_in_cadir_holds_neither_the_loop_nor_the_slot(tls_certs: Certific
         finally:
             with contextlib.suppress(OSError):  # a serving child whose loop hung would outlive the test
                 os.kill(serving, signal.SIGKILL)
+
+
+def test_clients_held_by_a_fifo_in_cadir_leave_the_handshake_threads_to_the_others(
+    tls_certs: Certificates, tmp_path: Path
+) -> None:
+    """More hostile clients than the pool has threads (8 at most) each hold a thread in the FIFO's
+    open past their -T: the good client that comes after them gets its handshake all the same
+    (the threads held were written off and a new pool took their place)."""
+    cadir = tmp_path / "cadir"
+    cadir.mkdir()
+    fifo = cadir / f"{_subject_hash(tls_certs.untrusted_ca)}.0"
+    os.mkfifo(fifo)
+    environment = {**tls_certs.environment(), b"CADIR": os.fsencode(cadir), b"CAFILE": os.fsencode(tls_certs.ca)}
+    server = start_sslserver(["-m", "-T", "1", "-v"], ["echo", "hi"], environment)
+    (serving,) = children_of(server.process.pid)
+    hostile_clients = []
+    try:
+        for _ in range(HOSTILE):
+            hostile = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            hostile_clients.append(hostile)
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            hostile_tls = _context(tls_certs.untrusted_client_cert, tls_certs.untrusted_client_key).wrap_bio(
+                incoming, outgoing
+            )
+            _drive_handshake(hostile, hostile_tls, incoming, outgoing, 0.5)  # its certificate sent: CADIR is read
+        server.wait_for_log(r"unable to accept SSL: timeout", count=HOSTILE, timeout=10)
+        context = _context(tls_certs.client_cert, tls_certs.client_key)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, context.wrap_socket(raw) as good:
+            assert good.recv(10) == b"hi\n"
+    finally:
+        for hostile in hostile_clients:
+            hostile.close()
+        for _ in range(HOSTILE):  # each held open() returns once the FIFO has a writer
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+            time.sleep(0.01)
+        try:
+            server.stop()
+        finally:
+            with contextlib.suppress(OSError):
+                os.kill(serving, signal.SIGKILL)
+
+
+def _subject_hash(certificate: Path) -> str:
+    command = ["openssl", "x509", "-hash", "-noout", "-in", certificate]
+    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
 
 
 def _drive_handshake(

@@ -35,20 +35,50 @@ CLOSE_WAIT_SECONDS = 5.0
 # session's p99 by about 5 ms (bench/tls_latency.py). One thread per core, 2 at least.
 HANDSHAKE_THREADS = max(2, min(len(os.sched_getaffinity(0)), 8))
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
+# A step still running at its handshake's deadline (a FIFO or a hung mount in CADIR) holds its
+# thread for as long as the file says: the pool is replaced, so that HANDSHAKE_THREADS such
+# clients do not leave every later handshake waiting for a thread. Up to this many held threads;
+# beyond, the pool is kept and handshakes wait for its threads (cut at -T), as before.
+HELD_STEPS_REPLACED = 64
+_held_steps: list[_StepProgress] = []
+
+
+class _StepProgress:
+    """Where a step in a handshake thread is: written by that thread, read on the loop."""
+
+    __slots__ = ("finished", "started")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.finished = False
 
 
 def _block_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())  # SIGCHLD and the rest: the loop's
 
 
-def _outcome_of(step: Callable[[], object]) -> BaseException | None:
+def _outcome_of(step: Callable[[], object], progress: _StepProgress) -> BaseException | None:
     """What step() raised, without the handshake thread's frames; None when it returned."""
+    progress.started = True
     try:
         step()
     except BaseException as error:
         error.__traceback__ = None
         return error
+    finally:
+        progress.finished = True
     return None
+
+
+def _replace_pool_held_by(progress: _StepProgress) -> None:
+    """A step outlived its handshake in its thread: later steps go to a new pool, while few are held."""
+    global _pool
+    _held_steps[:] = [held for held in _held_steps if not held.finished]
+    if len(_held_steps) >= HELD_STEPS_REPLACED or _pool is None:
+        return
+    _held_steps.append(progress)
+    held_pool, _pool = _pool, None
+    held_pool.shutdown(wait=False)  # its other threads end once idle; the held one when its step does
 
 
 def _handshake_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -124,13 +154,16 @@ class TLSSession:
         error whose traceback holds the frames that hold the future is a cycle, and every
         handshake would leave its connection (session, BIOs, buffers) to the cyclic collector.
         """
-        future = self.loop.run_in_executor(_handshake_pool(), _outcome_of, step)
+        progress = _StepProgress()
+        future = self.loop.run_in_executor(_handshake_pool(), _outcome_of, step, progress)
         try:
             if deadline is None:
                 error = await future
             else:  # a step stuck in its thread is left there; the connection ends at the deadline all the same
                 error = await asyncio.wait_for(future, max(0.0, deadline - self.loop.time()))
         except TimeoutError:
+            if progress.started and not progress.finished:
+                _replace_pool_held_by(progress)
             raise _Expired() from None
         finally:
             del future
