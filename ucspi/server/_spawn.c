@@ -438,9 +438,10 @@ reap(PyObject *module, PyObject *unused)
         return Py_BuildValue("(NO)", events, Py_True);
     free_done_jobs();
     if (engine.child_signal_fd != -1) {
-        /* Emptied first: a child that ends from here on makes it readable again. */
+        /* Emptied first: a child that ends from here on makes it readable again. A read that
+         * does not fill the buffer took all there was (no second read, to find EAGAIN). */
         struct signalfd_siginfo taken[8];
-        while (read(engine.child_signal_fd, taken, sizeof taken) > 0)
+        while (read(engine.child_signal_fd, taken, sizeof taken) == (ssize_t) sizeof taken)
             ;
     }
     for (;;) {
