@@ -46,9 +46,10 @@ _held_steps: list[_StepProgress] = []
 class _StepProgress:
     """Where a step in a handshake thread is: written by that thread, read on the loop."""
 
-    __slots__ = ("finished", "started")
+    __slots__ = ("finished", "pool", "started")
 
-    def __init__(self) -> None:
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor) -> None:
+        self.pool = pool  # the step's
         self.started = False
         self.finished = False
 
@@ -74,11 +75,12 @@ def _replace_pool_held_by(progress: _StepProgress) -> None:
     """A step outlived its handshake in its thread: later steps go to a new pool, while few are held."""
     global _pool
     _held_steps[:] = [held for held in _held_steps if not held.finished]
-    if len(_held_steps) >= HELD_STEPS_REPLACED or _pool is None:
+    if len(_held_steps) >= HELD_STEPS_REPLACED:
         return
     _held_steps.append(progress)
-    held_pool, _pool = _pool, None
-    held_pool.shutdown(wait=False)  # its other threads end once idle; the held one when its step does
+    if progress.pool is _pool:  # not replaced already (by another step held in the same pool)
+        _pool = None
+        progress.pool.shutdown(wait=False)  # its other threads end once idle; the held one when its step does
 
 
 def _handshake_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -154,8 +156,9 @@ class TLSSession:
         error whose traceback holds the frames that hold the future is a cycle, and every
         handshake would leave its connection (session, BIOs, buffers) to the cyclic collector.
         """
-        progress = _StepProgress()
-        future = self.loop.run_in_executor(_handshake_pool(), _outcome_of, step, progress)
+        pool = _handshake_pool()
+        progress = _StepProgress(pool)
+        future = self.loop.run_in_executor(pool, _outcome_of, step, progress)
         try:
             if deadline is None:
                 error = await future
