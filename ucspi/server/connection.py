@@ -151,12 +151,16 @@ class Connection:
                 limit_variables = _limit_variables(peer, before)
             self._program(peer, rule_variables, limit_variables, relay)
         except Drop as drop:
-            try:
-                server.log.emit(Dropped(drop.text, drop.code, self.client_ip()))
-            finally:
-                self.finish()
+            self.dropped(drop)
         except Exception as error:
             self.internal_error(error)
+
+    def dropped(self, drop: Drop) -> None:
+        """The drop's warning, then the connection's end."""
+        try:
+            self.server.log.emit(Dropped(drop.text, drop.code, self.client_ip()))
+        finally:
+            self.finish()
 
     async def _proxy_header(self) -> tuple[tuple, tuple | None, Relay] | None:
         """Before anything is sent: from a --proxy-from peer, exactly its header, else nothing.
@@ -242,7 +246,10 @@ class Connection:
             raise Drop(b"unable to get local address: " + error_text(error).encode(), b"sockname") from None
 
     def _rules(self, peer: Peer) -> Verdict | None:
-        """The rules' verdict; None when the file's open found no descriptor free (wait, then ask again)."""
+        """The rules' verdict; None when the file's open found no descriptor free (wait, then ask again).
+
+        Not through the descriptor gate at first: a coroutine per client would cost the hot path,
+        and the gate keeps a reserve descriptor from its first use on."""
         server = self.server
         rules = server.rules
         if rules is None:

@@ -195,10 +195,7 @@ class TLSConnection(Connection):
         try:
             await steps
         except Drop as drop:
-            try:
-                self.server.log.emit(Dropped(drop.text, drop.code, self.client_ip()))
-            finally:
-                self.finish()
+            self.dropped(drop)
         except Exception as error:
             self.internal_error(error)
 
@@ -487,7 +484,10 @@ def _control_pair() -> tuple[socket.socket, socket.socket]:
 async def _opened(open_: Callable[[], _Opened], failure: bytes) -> _Opened:
     """open_()'s descriptors; with none free, they are waited for in the descriptor gate's line, as
     a lookup's socket is (the original makes them in the client's own child, whose table is never
-    full). Drop with `failure` and the error's words when they cannot be had."""
+    full). Drop with `failure` and the error's words when they cannot be had.
+
+    Tried here first, not in the gate: the gate keeps a reserve descriptor from its first use on,
+    which a server whose table never filled need not hold."""
     try:
         return open_()
     except OSError as error:

@@ -169,7 +169,7 @@ class TLSSession:
                 _replace_pool_held_by(progress)
             raise _Expired() from None
         finally:
-            del future
+            del future  # it holds the error as its result: the raise below must not find it in this frame
         if error is not None:
             try:
                 raise error
