@@ -78,6 +78,13 @@ def warnings(server: ServerProcess) -> list[bytes]:
     return [line for line in server.log() if b": warning: " in line or b": fatal: " in line]
 
 
+def short_of_descriptors(pid: int, limit: int) -> None:
+    """Process pid may open descriptors up to number limit: its soft RLIMIT_NOFILE only (the
+    original's children inherit it with their fork)."""
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
+
+
 @contextlib.contextmanager
 def more_descriptors(wanted: int) -> Iterator[None]:
     """This process may hold `wanted` descriptors (a test that opens a thousand clients)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import collections
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -38,7 +37,7 @@ from serverproc import (
     start_server,
     talk,
 )
-from serverstate import descriptors, more_descriptors, wait_idle, warnings
+from serverstate import descriptors, more_descriptors, short_of_descriptors, wait_idle, warnings
 
 IMPLEMENTATIONS = [OUR_SERVER, *([ORIGINAL_SERVER] if original_available() else [])]
 
@@ -53,12 +52,6 @@ IDENT_REPLY = b"1 , 2 : USERID : UNIX : slowuser\r\n"
 @pytest.fixture(params=IMPLEMENTATIONS, ids=lambda implementation: implementation.name)
 def implementation(request: pytest.FixtureRequest) -> Implementation:
     return request.param
-
-
-def _short_of_descriptors(server: ServerProcess, limit: int = DESCRIPTOR_LIMIT) -> None:
-    # The soft limit only: the original's children inherit it with their fork.
-    _, hard = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (limit, hard))
 
 
 def _clients_at_once(port: int, source: str, count: int, timeout: float = CLIENT_TIMEOUT) -> list[tuple[object, float]]:
@@ -111,7 +104,7 @@ def test_row4_ident_answers_for_every_client_when_descriptors_run_short(implemen
         FakeIdentd(ip, reply=IDENT_REPLY, delay=ANSWER_DELAY) as identd,
         start_server(implementation.command, options, ["/usr/bin/printenv", "TCPREMOTEINFO"]) as server,
     ):
-        _short_of_descriptors(server)
+        short_of_descriptors(server.pid, DESCRIPTOR_LIMIT)
         results = _clients_at_once(server.port, ip, CLIENTS)
         assert _tally(results) == {repr(b"slowuser\n"): CLIENTS}, (warnings(server), identd.errors)
         _check_server_whole(implementation, server)
@@ -129,7 +122,7 @@ def test_row5_ident_rules_allow_every_client_when_descriptors_run_short(
         FakeIdentd(ip, reply=IDENT_REPLY, delay=ANSWER_DELAY) as identd,
         start_server(implementation.command, options, ["/bin/echo", "allowed"]) as server,
     ):
-        _short_of_descriptors(server)
+        short_of_descriptors(server.pid, DESCRIPTOR_LIMIT)
         results = _clients_at_once(server.port, ip, CLIENTS)
         assert _tally(results) == {repr(b"allowed\n"): CLIENTS}, (warnings(server), identd.errors)
         _check_server_whole(implementation, server)
@@ -148,7 +141,7 @@ def test_row6_dns_names_every_client_when_descriptors_run_short(implementation: 
             implementation.command, options, ["/usr/bin/printenv", "TCPREMOTEHOST"], environment=environment
         ) as server,
     ):
-        _short_of_descriptors(server)
+        short_of_descriptors(server.pid, DESCRIPTOR_LIMIT)
         results = _clients_at_once(server.port, ip, CLIENTS)
         assert _tally(results) == {repr(b"client.example.com\n"): CLIENTS}
         _check_server_whole(implementation, server)
@@ -345,7 +338,7 @@ def test_the_rules_file_waits_for_a_descriptor_instead_of_dropping_the_client(tm
     options.append("--proxy-from=127.0.0.1/32")
     with start_server(OUR_SERVER.command, options, ["/bin/echo", "allowed"]) as server:
         server.wait_for_log(r"^tcpserver: status: 0/200$")
-        _short_of_descriptors(server, limit)
+        short_of_descriptors(server.pid, limit)
         idle = [connect(server.port) for _ in range(limit + 8)]
         try:
             deadline = time.monotonic() + 10

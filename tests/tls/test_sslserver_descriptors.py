@@ -6,18 +6,12 @@ RLIMIT_NOFILE 40; every wait is bounded.
 
 from __future__ import annotations
 
-import resource
 import time
 
 from tls.certs import Certificates
 from tls.tlsclient import TlsClient, open_descriptors, serverproc, serverstate, start_sslserver, wait_until
 
 LIMIT = 40
-
-
-def _short_of_descriptors(server: serverproc.ServerProcess) -> None:
-    _, hard = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
-    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (LIMIT, hard))
 
 
 def _no_drop(server: serverproc.ServerProcess) -> None:
@@ -32,7 +26,7 @@ def test_the_programs_pipes_wait_for_descriptors_after_the_handshake(tls_certs: 
         serverstate.more_descriptors(4 * LIMIT),
         start_sslserver(options, ["sh", "-c", "echo served"], tls_certs.environment()) as server,
     ):
-        _short_of_descriptors(server)
+        serverstate.short_of_descriptors(server.pid, LIMIT)
         first = serverproc.connect(server.port, timeout=10)
         idle = []
         try:
@@ -62,7 +56,7 @@ def test_starttls_programs_wait_for_their_socket_pair_and_pipes(tls_certs: Certi
         serverstate.more_descriptors(4 * LIMIT),
         start_sslserver(options, ["sh", "-c", "read line; echo served"], tls_certs.environment()) as server,
     ):
-        _short_of_descriptors(server)
+        serverstate.short_of_descriptors(server.pid, LIMIT)
         try:
             clients = [serverproc.connect(server.port, timeout=10) for _ in range(12)]
             assert wait_until(lambda: open_descriptors(server.pid) >= LIMIT - 1, 5), "the table never filled"
