@@ -83,7 +83,7 @@ STEPS = [
     ("ucspi.server.peer:PeerFacts.known", ["-HRl0"]),
     ("ucspi.server.peer:PeerFacts.gather", ["-HRl0", "-r", "-t1"]),
     ("ucspi.rules.database:RulesFile.verdict", ["-HRl0"]),
-    ("ucspi.server.spawn:Environment.build", ["-HRl0"]),
+    ("ucspi.server.spawn:Environment.build_from", ["-HRl0"]),
     # Only in the code of issue 9.
     ("ucspi.server.connection:Connection.spawned", ["-HRl0"]),
     ("ucspi.server.connection:Connection.program_ended", ["-HRl0"]),
@@ -139,12 +139,12 @@ def test_a_fault_at_any_step_drops_at_most_its_own_client(target: str, options: 
 
 
 def test_at_v_the_internal_error_says_where(tmp_path: Path) -> None:
-    with _faulty_server("ucspi.server.spawn:Environment.build", [1], ["-v", "-HRl0"], ECHO_SERVED) as server:
+    with _faulty_server("ucspi.server.spawn:Environment.build_from", [1], ["-v", "-HRl0"], ECHO_SERVED) as server:
         assert talk(server.port) == b""
         lines = server.wait_for_log(r"internal error", count=2)
         assert lines[0] == INTERNAL_ERROR
         assert re.fullmatch(rb"tcpserver: warning: internal error InjectedFault at \S+faults\.py line \d+", lines[1])
-    with _faulty_server("ucspi.server.spawn:Environment.build", [1], ["-Q", "-HRl0"], ECHO_SERVED) as server:
+    with _faulty_server("ucspi.server.spawn:Environment.build_from", [1], ["-Q", "-HRl0"], ECHO_SERVED) as server:
         assert talk(server.port) == b""
         server.wait_for_log(r"internal error")
         assert talk(server.port) == b"served\n"
@@ -252,7 +252,7 @@ def test_a_server_whose_spawn_engine_cannot_start_exits_111() -> None:
 @pytest.mark.parametrize(
     "target",
     [
-        "ucspi.server.spawn:Environment.build",
+        "ucspi.server.spawn:Environment.build_from",
         "ucspi.server.connection:Connection.spawned",
         "os:waitpid" if FALLBACK else "ucspi.server._spawn:reap",
     ],

@@ -59,6 +59,9 @@ class _Programs:
         self.alone = False  # set by the loop: the last wakeup found one client only
         self._start(spawner)
 
+    # A start never waits, so the loop starts each client before it looks for the next.
+    starts_at_once = False
+
     def _start(self, spawner: Spawner) -> None:
         raise NotImplementedError
 
@@ -248,6 +251,9 @@ class EngineChildren(_Programs):
     """The extension's engine: the same interface as Children, without a thread, a hand-off or
     a signal handler per client. The loop spawns (a clone that does not wait for the exec) and
     reaps; a failed exec is told at the reap, as the original's child tells it before its end."""
+
+    starts_at_once = True
+    can_take_more = True  # type: ignore[assignment]  # no spawn ever waits for a thread
 
     def _start(self, spawner: Spawner) -> None:
         # token -> connection, from its spawn to its program's end.

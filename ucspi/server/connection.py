@@ -41,10 +41,10 @@ from ucspi.server.log import (
 )
 from ucspi.server.peer import DIRECT, Peer, Relay
 from ucspi.server.proxy import ProxyError, ProxyTimeout, read_header
-from ucspi.server.spawn import ForkFailed, tcp_variables
+from ucspi.server.spawn import ForkFailed, proxy_variables, shape_and_values, tcp_shape_and_values
 
 if TYPE_CHECKING:
-    from ucspi.server.loop import Server, Slot
+    from ucspi.server.loop import Server
 
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 _NO_RULE_VERDICT: Verdict = (NO_RULE, False, ())
@@ -71,6 +71,7 @@ class Connection:
     __slots__ = (
         "_early_end",
         "_fd_open",
+        "_holds_slot",
         "_spawn_pending",
         "fd",
         "fixed_local",
@@ -79,16 +80,18 @@ class Connection:
         "remote",
         "rule",
         "server",
-        "slot",
+        "started",
         "ticket",
     )
 
-    def __init__(self, server: Server, fd: int, remote: tuple, slot: Slot, fixed_local: tuple | None = None) -> None:
+    def __init__(self, server: Server, fd: int, remote: tuple, fixed_local: tuple | None = None) -> None:
+        """A client accepted into one of the server's -c slots, counted already: the connection
+        holds it from now on, in the server's registry of live connections, until finish()."""
         self.server = server
         self.fixed_local = fixed_local  # its listener's address, unless that is a wildcard
         self.fd = fd
         self.remote = remote
-        self.slot = slot
+        self.started = time.monotonic()  # at accept: the status view's age, the structured log's dur_ms
         self.ticket: Ticket | None = None  # its place in the per-address and per-network counts
         self.peer: Peer | None = None
         self.pid = 0  # the program's, once spawned
@@ -96,6 +99,8 @@ class Connection:
         self._fd_open = True
         self._spawn_pending = False  # handed to a spawning thread, its answer not back yet
         self._early_end: int | None = None  # the program was reaped before its spawn was reported
+        self._holds_slot = True
+        server.live.add(self)
 
     @property
     def stdin_fd(self) -> int:
@@ -106,6 +111,35 @@ class Connection:
         return self.fd
 
     # -- the path ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Its path, on the caller's stack until it first waits; a fault starting it drops only it.
+
+        A client known in full at accept (no PROXY header, banner or lookup to wait for) takes
+        run()'s steps without a coroutine: its local address, facts and rules are all at hand.
+        """
+        server = self.server
+        if not server.path_waits:
+            try:
+                local = self.fixed_local
+                if local is None:
+                    local = self._local_address()
+                self.peer = peer = server.facts.known(local, self.remote)
+                verdict = self._rules(peer)
+                if verdict is not None:
+                    self._decided(peer, verdict, None)
+                    return
+                # The rules file waits for a descriptor: run() takes it from the start.
+            except Drop as drop:
+                self.dropped(drop)
+                return
+            except Exception as error:
+                self.internal_error(error)
+                return
+        try:
+            start_eagerly(self.run(), server.loop, server.tasks)
+        except Exception as error:
+            self.internal_error(error)
 
     async def run(self) -> None:
         """accept (done by the server) -> PROXY header -> banner -> local address -> lookups ->
@@ -131,29 +165,34 @@ class Connection:
             verdict = self._rules(peer)
             if verdict is None:
                 verdict = await self._rules_when_descriptors_free(peer)
-            decision, deny, rule_variables = verdict
-            if server.log.structured and decision.key is not None:
-                self.rule = rule_key(decision.key, decision.cidr)
-            if deny:
-                server.denied += 1  # the status view's count
-                # No child for a denied client (differences item 1): the server's pid in the line.
-                if server.log.verbose:  # an event is built only when it will be written
-                    server.log.emit(Denied(server.pid, peer, rule=self.rule))
-                self.finish()
-                return
-            limit_variables: list[tuple[bytes, bytes | None]] = []
-            if server.limits is not None:
-                ticket, refusal, before = server.limits.decide(peer.rules_ip, rule_variables)
-                if refusal is not None:
-                    self._refuse(peer, refusal)
-                    return
-                self.ticket = ticket
-                limit_variables = _limit_variables(peer, before)
-            self._program(peer, rule_variables, limit_variables, relay)
+            self._decided(peer, verdict, relay)
         except Drop as drop:
             self.dropped(drop)
         except Exception as error:
             self.internal_error(error)
+
+    def _decided(self, peer: Peer, verdict: Verdict, relay: Relay | None) -> None:
+        """rules -> limits -> program: the rules' verdict carried out."""
+        server = self.server
+        decision, deny, rule_variables = verdict
+        if server.log.structured and decision.key is not None:
+            self.rule = rule_key(decision.key, decision.cidr)
+        if deny:
+            server.denied += 1  # the status view's count
+            # No child for a denied client (differences item 1): the server's pid in the line.
+            if server.log.verbose:  # an event is built only when it will be written
+                server.log.emit(Denied(server.pid, peer, rule=self.rule))
+            self.finish()
+            return
+        limit_variables: list[tuple[bytes, bytes | None]] = []
+        if server.limits is not None:
+            ticket, refusal, before = server.limits.decide(peer.rules_ip, rule_variables)
+            if refusal is not None:
+                self._refuse(peer, refusal)
+                return
+            self.ticket = ticket
+            limit_variables = _limit_variables(peer, before)
+        self._program(peer, rule_variables, limit_variables, relay)
 
     def dropped(self, drop: Drop) -> None:
         """The drop's warning, then the connection's end."""
@@ -310,10 +349,17 @@ class Connection:
         relay: Relay | None,
     ) -> None:
         server = self.server
-        changes = tcp_variables(peer, relay)
-        changes.extend(limit_variables)
-        changes.extend(rule_variables)
-        environment = server.environment.build(changes)
+        # tcp_variables(peer, relay) + the limits' + the rule's, in that order: the TCP ones' shape
+        # is one of a few made already, and the others are seldom there.
+        shape, values = tcp_shape_and_values(peer)
+        if relay is not None or limit_variables or rule_variables:
+            others = proxy_variables(relay) if relay is not None else []
+            others += limit_variables
+            others += rule_variables
+            others_shape, others_values = shape_and_values(others)
+            shape += others_shape
+            values += others_values
+        environment = server.environment.build_from(shape, values)
         self._spawn_pending = True
         try:
             server.children.start(self, environment)  # answers through spawn_answered(), never by raising
@@ -389,7 +435,7 @@ class Connection:
             if self.server.log.verbose:
                 log = self.server.log
                 # From accept to the reap: the structured modes' dur_ms.
-                took = int((time.monotonic() - self.slot.started) * 1000) if log.structured else None
+                took = int((time.monotonic() - self.started) * 1000) if log.structured else None
                 log.emit(ProgramEnded(self.pid, wait_status, self.client_ip(), took))
         finally:
             self.pid = 0
@@ -433,7 +479,11 @@ class Connection:
         finally:
             if self.ticket is not None:
                 self.ticket.give_back()
-            self.slot.give_back()
+            if self._holds_slot:
+                self._holds_slot = False
+                server = self.server
+                server.live.discard(self)
+                server.slot_given_back()
 
 
 def accepted_ip(remote: tuple, mapped_as_ipv6: bool) -> bytes:

@@ -45,8 +45,9 @@ class DescriptorGate:
         self.retry_seconds = retry_seconds
         self.stuck_seconds = stuck_seconds
         self.on_relieved: Callable[[], None] | None = None
-        # One future per waiter, oldest first; the head's is resolved to let it try again.
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # One future per waiter, oldest first; the head's is resolved to let it try again. Read
+        # by the accept loop for each client (empty: nobody waits), as `starved` says.
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._retry: asyncio.TimerHandle | None = None
         self._reserve: int | None = None
         self._open_sockets = 0  # handed out by socket(), not yet given to close()
@@ -57,7 +58,7 @@ class DescriptorGate:
     @property
     def starved(self) -> bool:
         """A lookup is waiting for a descriptor."""
-        return bool(self._waiters)
+        return bool(self.waiters)
 
     async def socket(self, family: int, kind: int) -> socket.socket:
         """A new non-blocking socket; waits while descriptors are short (see the module's notes).
@@ -76,17 +77,17 @@ class DescriptorGate:
         """
         loop = asyncio.get_running_loop()
         self._used = True
-        if not self._waiters:
+        if not self.waiters:
             found, opened = self._try(open_, loop)
             if found:
                 return opened  # type: ignore[return-value]
         turn: asyncio.Future[None] = loop.create_future()
-        if not self._waiters:
+        if not self.waiters:
             self._last_progress = max(self._last_progress, loop.time())  # the wait starts now
-        self._waiters.append(turn)
+        self.waiters.append(turn)
         try:
             while True:
-                if turn is self._waiters[0]:
+                if turn is self.waiters[0]:
                     self._arm_retry(loop)
                 await turn
                 found, opened = self._try(open_, loop)
@@ -94,7 +95,7 @@ class DescriptorGate:
                     return opened  # type: ignore[return-value]
                 # Still short: keep the head of the line and wait for the next release or retry.
                 turn = loop.create_future()
-                self._waiters[0] = turn
+                self.waiters[0] = turn
         finally:
             self._leave(turn, loop)
 
@@ -110,7 +111,7 @@ class DescriptorGate:
         Called on the loop's thread, for every connection closed: without lookups (the gate
         never used) it costs nothing.
         """
-        if self._waiters:
+        if self.waiters:
             self._last_progress = asyncio.get_running_loop().time()
             self._wake_head()
         elif self._reserve is None and self._used:
@@ -134,7 +135,7 @@ class DescriptorGate:
                 self._reserve = None
                 continue
             self._last_progress = loop.time()
-            if self._reserve is None and not self._waiters:
+            if self._reserve is None and not self.waiters:
                 self._open_reserve()
             return True, opened
         return False, None
@@ -165,22 +166,22 @@ class DescriptorGate:
 
     def _fail_waiters(self) -> None:
         shortage = self._last_shortage or OSError(errno.EMFILE, os.strerror(errno.EMFILE))
-        for turn in self._waiters:
+        for turn in self.waiters:
             if not turn.done():
                 turn.set_exception(OSError(shortage.errno, shortage.strerror))
 
     def _wake_head(self) -> None:
-        if self._waiters and not self._waiters[0].done():
-            self._waiters[0].set_result(None)
+        if self.waiters and not self.waiters[0].done():
+            self.waiters[0].set_result(None)
 
     def _leave(self, turn: asyncio.Future[None], loop: asyncio.AbstractEventLoop) -> None:
         """A waiter leaves the line (with its socket, failed or cancelled): the next one tries at once."""
-        was_head = bool(self._waiters) and self._waiters[0] is turn
+        was_head = bool(self.waiters) and self.waiters[0] is turn
         try:
-            self._waiters.remove(turn)
+            self.waiters.remove(turn)
         except ValueError:
             pass
-        if not self._waiters:
+        if not self.waiters:
             if self._retry is not None:
                 self._retry.cancel()
                 self._retry = None
@@ -191,7 +192,7 @@ class DescriptorGate:
 
     def _relieved(self) -> None:
         # Called later, on the loop: a waiter that came meanwhile keeps the gate starved.
-        if not self._waiters and self.on_relieved is not None:
+        if not self.waiters and self.on_relieved is not None:
             self.on_relieved()
 
 

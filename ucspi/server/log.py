@@ -419,11 +419,8 @@ class Log:
         self.name = name
         self.formatter: Format = formatter or ClassicFormat(name)
         self.structured = not isinstance(self.formatter, ClassicFormat)
-        self.accepts = self.structured and verbosity >= 2
-
-    @property
-    def verbose(self) -> bool:
-        return self.verbosity >= 2
+        self.verbose = verbosity >= 2  # asked for every client: a plain attribute
+        self.accepts = self.structured and self.verbose
 
     def emit(self, event: Event) -> None:
         if event.verbosity > self.verbosity:
@@ -480,5 +477,5 @@ class Log:
                 self.emit(Listening(ip.encode(), port, listener.fileno(), family, inherited))
 
     def status(self, children: int, limit: int) -> None:
-        if self.verbosity >= 2:
+        if self.verbose:
             self.emit(Status(children, limit))

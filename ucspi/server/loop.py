@@ -31,7 +31,7 @@ import uvloop
 from ucspi.errors import EXIT_TEMPORARY
 from ucspi.rules.database import RulesFile
 from ucspi.server.children import Children, EngineChildren, make_children
-from ucspi.server.connection import Connection, accepted_ip, start_eagerly
+from ucspi.server.connection import Connection, accepted_ip
 from ucspi.server.descriptors import DESCRIPTORS
 from ucspi.server.limits import DEFAULT_LENGTHS, Limits
 from ucspi.server.log import Draining, Exiting, Fatal, Log, SignalTaken, StatSummary, Warned, sanitize
@@ -79,36 +79,6 @@ def _endpoint_text(address: tuple) -> str:
     return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
 
 
-class Slot:
-    """One of the -c slots, held by one connection; given back once, however often asked.
-
-    Live slots are the server's registry of live connections: the status view counts them.
-    """
-
-    __slots__ = ("_server", "connection", "started")
-
-    def __init__(self, server: Server) -> None:
-        self._server: Server | None = server
-        self.connection: Connection | None = None
-        self.started = time.monotonic()  # at accept
-        server.live.add(self)
-
-    def client_ip(self) -> bytes:
-        """The client's address as the log shows it: after a PROXY header its own, before the lookups the accept's."""
-        connection = self.connection
-        return connection.client_ip() if connection is not None else b"?"
-
-    def give_back(self) -> None:
-        server = self._server
-        if server is not None:
-            self._server = None
-            # The connection and its slot hold each other: let go, so that both go with their
-            # last reference, not at a collection of the cyclic garbage collector.
-            self.connection = None
-            server.live.discard(self)
-            server.slot_given_back()
-
-
 class Server:
     def __init__(
         self,
@@ -132,6 +102,10 @@ class Server:
         self.facts = facts
         self.log = log
         self.rules = RulesFile(options.rules_path) if options.rules_path is not None else None
+        # Whether a connection's path may wait before its rules (Connection.start).
+        self.path_waits = bool(
+            options.proxy_from is not None or options.no_delay or options.banner or facts.needs_lookups
+        )
         # The start-up environment as getenv sees it: MAXCONNIP, MAXCONIP, MAXCONNC, DIEMSG.
         self.limits = Limits.configured(options.max_per_ip, options.max_per_net, first_values(environment.initial))
         self.slots_taken = 0
@@ -139,9 +113,11 @@ class Server:
         self.accepted = 0
         self.denied = 0  # by the rules
         self.refused = 0  # by -C, --max-per-ip, --max-per-net
-        self.live: set[Slot] = set()
+        self.live: set[Connection] = set()  # each holds a slot, from accept until it gives it back
         self.started = time.monotonic()
         self.status_socket = status_socket
+        # Every change of the slots taken is told only where someone listens: -v's status lines, the supervisor.
+        self._slots_watched = log.verbose or notifier is not None
         self.draining = False
         self._drain_phase: asyncio.TimerHandle | None = None
         self._killing = False
@@ -152,7 +128,7 @@ class Server:
         self._backing_off = False
         self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
         self.children: Children | EngineChildren
-        self._tasks: set[asyncio.Task] = set()
+        self.tasks: set[asyncio.Task] = set()  # connections' paths waiting on the loop
 
     # -- the listener ---------------------------------------------------------------------
 
@@ -280,9 +256,9 @@ class Server:
     def _can_accept(self) -> bool:
         return (
             self.slots_taken < self.limit
-            and self.children.can_take_more
-            and not DESCRIPTORS.starved  # lookups waiting for a descriptor come first
+            and not DESCRIPTORS.waiters  # lookups waiting for a descriptor come first (its `starved`)
             and not self._backing_off
+            and self.children.can_take_more
         )
 
     def _resume(self) -> None:
@@ -302,51 +278,82 @@ class Server:
         self._resume()
 
     def _accept_clients(self, listener: socket.socket, fixed_local: tuple | None) -> None:
-        # Everything waiting is accepted first: a client found alone may be spawned inline.
         if not self._can_accept():
             self._pause()
             return
         # The slots bound the batch; nothing else _can_accept asks changes while it is taken.
-        accepted, error = _accept_batch(listener, min(_ACCEPT_BATCH, self.limit - self.slots_taken))
+        most = min(_ACCEPT_BATCH, self.limit - self.slots_taken)
+        children = self.children
+        if children.starts_at_once:
+            # The first client's program starts before the queue is looked at again: that look
+            # (an accept that usually finds nobody) is no longer on its way to the program.
+            accepted, error = _accept_batch(listener, 1)
+            if accepted:
+                self._start_clients(accepted, fixed_local)
+                if most > 1 and self._can_accept():
+                    accepted, error = _accept_batch(listener, min(most - 1, self.limit - self.slots_taken))
+                    if accepted:
+                        self._start_clients(accepted, fixed_local)
+        else:
+            # Everything waiting is accepted first: a client found alone may be spawned inline.
+            accepted, error = _accept_batch(listener, most)
+            children.alone = len(accepted) == 1
+            self._start_clients(accepted, fixed_local)
         if error in _RESOURCE_ERRORS:
             self._pause()
             self._backing_off = True
             self.loop.call_later(_ACCEPT_BACKOFF_SECONDS, self._end_backoff)
-        for client in accepted:
-            self.slots_taken += 1
-            if self.log.accepts:  # structured modes at -v only: nothing built otherwise
-                self._log_accept(*client, fixed_local)
-            self.accepted += 1
-            self._slots_changed()
-        if not self._can_accept():
+        elif not self._can_accept():
             self._pause()
-        self.children.alone = len(accepted) == 1
+
+    def _start_clients(self, accepted: list[tuple[int, tuple]], fixed_local: tuple | None) -> None:
+        """Each accepted client takes a slot and becomes a connection; a fault starting one drops only it."""
+        taken = len(accepted)
+        self.slots_taken += taken
+        self.accepted += taken
+        if self._slots_watched or self.log.accepts:  # nothing is built for nobody
+            for index, client in enumerate(accepted):
+                if self.log.accepts:
+                    self._log_accept(*client, fixed_local, self.slots_taken - taken + index + 1)
+                self._slots_changed(self.slots_taken - taken + index + 1)
+        connection_class = self.connection_class
         for index, (fd, remote) in enumerate(accepted):
-            # Each connection owns its slot from here on; a fault while starting one drops only it.
-            slot = Slot(self)
-            connection = slot.connection = self.connection_class(self, fd, remote, slot, fixed_local)
             try:
-                start_eagerly(connection.run(), self.loop, self._tasks)
-            except Exception as error:
-                connection.internal_error(error)
+                connection = connection_class(self, fd, remote, fixed_local)
+            except Exception as error:  # not a connection: nothing else would close it
+                self._not_started(fd, error)
+                continue
+            connection.start()
             if index == 0:
                 self.children.alone = False  # only the first of a batch may have come alone
 
+    def _not_started(self, fd: int, error: Exception) -> None:
+        try:
+            self.internal_error(error)
+        finally:
+            try:
+                os.close(fd)
+            finally:
+                DESCRIPTORS.released()
+                self.slot_given_back()
+
     def slot_given_back(self) -> None:
         self.slots_taken -= 1
-        self._resume()
-        self._slots_changed()
+        if not self._accepting:
+            self._resume()
+        if self._slots_watched:
+            self._slots_changed(self.slots_taken)
         if self.draining and not self.live:
             # The last connection is over: its lines are written; exit once the caller's are done.
             self.loop.call_soon(self.exit, 0)
 
-    def _slots_changed(self) -> None:
+    def _slots_changed(self, taken: int) -> None:
         """The status line, and the supervisor's STATUS= (at most one a second)."""
-        self.log.status(self.slots_taken, self.limit)
+        self.log.status(taken, self.limit)
         if self.notifier is not None:
-            self.notifier.status(self.slots_taken, self.limit)
+            self.notifier.status(taken, self.limit)
 
-    def _log_accept(self, fd: int, remote: tuple, fixed_local: tuple | None) -> None:
+    def _log_accept(self, fd: int, remote: tuple, fixed_local: tuple | None, taken: int) -> None:
         """The structured modes' `accept` event: the client's and the local address, the slots taken.
 
         Never raises: the clients of this batch are not connections yet, and nothing else would close them.
@@ -366,7 +373,7 @@ class Server:
                     pass  # left out of the event; the connection's path says what is wrong
             ip = accepted_ip(remote, self.options.mapped_as_ipv6)
             lip = None if local is None else accepted_ip(local, self.options.mapped_as_ipv6)
-            self.log.emit(Accepted(ip, remote[1], lip, None if local is None else local[1], self.slots_taken))
+            self.log.emit(Accepted(ip, remote[1], lip, None if local is None else local[1], taken))
         except Exception as error:
             self.internal_error(error)
 

@@ -38,9 +38,9 @@ class Relay:
 DIRECT = Relay()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen class's __init__ costs every connection ten setattr calls
 class Peer:
-    """Everything the rules, the log line and the program's environment need to know.
+    """Everything the rules, the log line and the program's environment need to know; never changed once made.
 
     An IPv4 client is an IPv4 client whatever socket it came in on: dotted quads, PROTO=TCP, the
     0.88 environment. `ipv6` is true for IPv6 clients, and for v4-mapped ones under -6.
@@ -143,10 +143,9 @@ class PeerFacts:
     def known(self, local: SocketAddress, remote: SocketAddress) -> Peer:
         """The facts when no lookup is needed."""
         if len(remote) == 2:  # an IPv4 socket: the common case, kept short
-            return Peer(
-                local[0].encode(), local[1], self.local_host, remote[0].encode(), remote[1], None, None, False,
-                remote[0].encode(),
-            )  # fmt: skip
+            remote_ip = remote[0].encode()
+            local_host = self.local_host
+            return Peer(local[0].encode(), local[1], local_host, remote_ip, remote[1], None, None, False, remote_ip)
         mapped = self.mapped_as_ipv6
         return self._peer(_side(local, mapped), _side(remote, mapped), self.local_host, None, None)
 

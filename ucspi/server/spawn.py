@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+import itertools
 import os
 import signal
 from collections.abc import Sequence
@@ -144,47 +145,87 @@ def take_launcher_marker(argv: list[str]) -> None:
 
 def _ipv4_variables(peer: Peer) -> list[tuple[bytes, bytes | None]]:
     """The 0.88 variables in the original's order (docs/behaviour.md §6.7); None removes a variable."""
-    return [
-        (b"PROTO", b"TCP"),
-        (b"TCPLOCALIP", peer.local_ip),
-        (b"TCPLOCALPORT", b"%d" % peer.local_port),
-        (b"TCPLOCALHOST", peer.local_host),
-        (b"TCPREMOTEIP", peer.remote_ip),
-        (b"TCPREMOTEPORT", b"%d" % peer.remote_port),
-        (b"TCPREMOTEHOST", peer.remote_host),
-        (b"TCPREMOTEINFO", peer.remote_info),
-    ]
+    return list(zip(_IPV4_NAMES, _ipv4_values(peer), strict=True))
 
 
 def _ipv6_variables(peer: Peer) -> list[tuple[bytes, bytes | None]]:
     """An IPv6 client's variables, with their TCP6* twins, in the order of Debian's IPv6 build."""
+    names = _IPV6_NAMES if peer.interface is None else _SCOPED_IPV6_NAMES
+    return list(zip(names, _ipv6_values(peer), strict=True))
+
+
+_IPV4_NAMES = (
+    b"PROTO", b"TCPLOCALIP", b"TCPLOCALPORT", b"TCPLOCALHOST",
+    b"TCPREMOTEIP", b"TCPREMOTEPORT", b"TCPREMOTEHOST", b"TCPREMOTEINFO",
+)  # fmt: skip
+_IPV6_LOCAL_NAMES = (
+    b"PROTO", b"TCPLOCALIP", b"TCP6LOCALIP", b"TCPLOCALPORT", b"TCP6LOCALPORT", b"TCPLOCALHOST", b"TCP6LOCALHOST",
+)  # fmt: skip
+_IPV6_REMOTE_NAMES = (
+    b"TCPREMOTEIP", b"TCP6REMOTEIP", b"TCPREMOTEPORT", b"TCP6REMOTEPORT",
+    b"TCPREMOTEHOST", b"TCP6REMOTEHOST", b"TCPREMOTEINFO", b"TCP6REMOTEINFO",
+)  # fmt: skip
+_IPV6_NAMES = (*_IPV6_LOCAL_NAMES, *_IPV6_REMOTE_NAMES)
+_SCOPED_IPV6_NAMES = (*_IPV6_LOCAL_NAMES, b"TCP6INTERFACE", *_IPV6_REMOTE_NAMES)
+
+
+def _ipv4_values(peer: Peer) -> list[bytes | None]:
+    return [
+        b"TCP", peer.local_ip, b"%d" % peer.local_port, peer.local_host,
+        peer.remote_ip, b"%d" % peer.remote_port, peer.remote_host, peer.remote_info,
+    ]  # fmt: skip
+
+
+def _ipv6_values(peer: Peer) -> list[bytes | None]:
     local_port = b"%d" % peer.local_port
     remote_port = b"%d" % peer.remote_port
-    changes: list[tuple[bytes, bytes | None]] = [
-        (b"PROTO", b"TCP6"),
-        (b"TCPLOCALIP", peer.local_ip),
-        (b"TCP6LOCALIP", peer.local_ip),
-        (b"TCPLOCALPORT", local_port),
-        (b"TCP6LOCALPORT", local_port),
-        (b"TCPLOCALHOST", peer.local_host),
-        (b"TCP6LOCALHOST", peer.local_host),
-    ]
+    local = [b"TCP6", peer.local_ip, peer.local_ip, local_port, local_port, peer.local_host, peer.local_host]
     if peer.interface is not None:
-        changes.append((b"TCP6INTERFACE", peer.interface))
-    changes += [
-        (b"TCPREMOTEIP", peer.remote_ip),
-        (b"TCP6REMOTEIP", peer.remote_ip),
-        (b"TCPREMOTEPORT", remote_port),
-        (b"TCP6REMOTEPORT", remote_port),
-        (b"TCPREMOTEHOST", peer.remote_host),
-        (b"TCP6REMOTEHOST", peer.remote_host),
-        (b"TCPREMOTEINFO", peer.remote_info),
-        (b"TCP6REMOTEINFO", peer.remote_info),
-    ]
-    return changes
+        local.append(peer.interface)
+    local += [
+        peer.remote_ip, peer.remote_ip, remote_port, remote_port,
+        peer.remote_host, peer.remote_host, peer.remote_info, peer.remote_info,
+    ]  # fmt: skip
+    return local
 
 
-def _proxy_variables(relay: Relay) -> list[tuple[bytes, bytes | None]]:
+def _shape(names: Sequence[bytes], values: Sequence[bytes | None]) -> tuple[tuple[bytes, bool], ...]:
+    return tuple([(name, value is None) for name, value in zip(names, values, strict=True)])
+
+
+# A client's TCP variables have one of a few shapes, by the facts it has: made once each, so
+# that a client's environment is found by its shape without one being built for it.
+# Key: (ipv6, scoped, no local host, no remote host, no remote info).
+_TCP_SHAPES = {
+    (ipv6, scoped, *missing): _shape(
+        (_SCOPED_IPV6_NAMES if scoped else _IPV6_NAMES) if ipv6 else _IPV4_NAMES,
+        (_ipv6_values if ipv6 else _ipv4_values)(
+            Peer(b"", 0, None if missing[0] else b"", b"", 0, None if missing[1] else b"", None if missing[2] else b"",
+                 ipv6, b"", b"" if scoped else None)
+        ),
+    )
+    for ipv6 in (False, True)
+    for scoped in ((False, True) if ipv6 else (False,))
+    for missing in itertools.product((False, True), repeat=3)
+}  # fmt: skip
+
+
+def tcp_shape_and_values(peer: Peer) -> tuple[tuple[tuple[bytes, bool], ...], list[bytes | None]]:
+    """tcp_variables(peer) given apart, for Environment.build_from: the shape is one made already."""
+    ipv6 = peer.ipv6
+    scoped = peer.interface is not None
+    key = (ipv6, scoped, peer.local_host is None, peer.remote_host is None, peer.remote_info is None)
+    return _TCP_SHAPES[key], (_ipv6_values(peer) if ipv6 else _ipv4_values(peer))
+
+
+def shape_and_values(
+    changes: Sequence[tuple[bytes, bytes | None]],
+) -> tuple[tuple[tuple[bytes, bool], ...], list[bytes | None]]:
+    """Changes given apart, for Environment.build_from."""
+    return tuple([(name, value is None) for name, value in changes]), [value for _, value in changes]
+
+
+def proxy_variables(relay: Relay) -> list[tuple[bytes, bytes | None]]:
     """The balancer's address and the header's TLV values; every name is set or removed, as
     0.88 does with TCPREMOTEHOST, so no stale value from the server's own environment survives."""
     values = dict(relay.variables)
@@ -205,7 +246,7 @@ def tcp_variables(peer: Peer, relay: Relay | None = None) -> list[tuple[bytes, b
     if relay is None:
         return _ipv6_variables(peer) if peer.ipv6 else _ipv4_variables(peer)
     changes = _ipv6_variables(peer) if peer.ipv6 else _ipv4_variables(peer)
-    return changes + _proxy_variables(relay)
+    return changes + proxy_variables(relay)
 
 
 # systemd's hand-over to us alone (sd_listen_fds, sd_notify): a program that saw them could take
@@ -271,12 +312,16 @@ class Environment:
         return entries
 
     def build(self, changes: Sequence[tuple[bytes, bytes | None]]) -> list[bytes]:
-        shape = tuple([(name, value is None) for name, value in changes])
+        """The program's environment: the initial one with changes applied (None removes a name)."""
+        return self.build_from(*shape_and_values(changes))
+
+    def build_from(self, shape: tuple[tuple[bytes, bool], ...], values: Sequence[bytes | None]) -> list[bytes]:
+        """build() for changes given apart: shape, each change's (name, is a removal); values, theirs."""
         made = self._made.get(shape)
         if made is None:
             plan = self._plan(shape)
             if plan is None:
-                return pathexec_changes(self.initial, changes)
+                return pathexec_changes(self.initial, list(zip([name for name, _ in shape], values, strict=True)))
             if len(self._made) >= self._PLAN_LIMIT:
                 self._made.clear()
             # The entries as a template, and where each change's value goes: per client, a copy
@@ -289,7 +334,7 @@ class Environment:
         template, fills = made
         entries = template.copy()
         for position, index, prefix in fills:
-            entries[position] = prefix + changes[index][1]  # type: ignore[operator]
+            entries[position] = prefix + values[index]  # type: ignore[operator]
         return entries
 
 

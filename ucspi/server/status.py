@@ -35,7 +35,7 @@ _BACKOFF_SECONDS = 0.1  # out of descriptors: the socket waits that long, as the
 
 
 class LiveConnection(Protocol):
-    """What the view needs of one live connection (loop.py's Slot)."""
+    """What the view needs of one live connection (connection.py's Connection)."""
 
     started: float  # time.monotonic() at accept
 

@@ -188,7 +188,7 @@ class TLSConnection(Connection):
         from ucspi.server.connection import start_eagerly
 
         steps = self._program_plain(rule_variables) if options.starttls else self._handshake_then_program()
-        start_eagerly(self._ending_on_failure(steps), self.server.loop, self.server._tasks)
+        start_eagerly(self._ending_on_failure(steps), self.server.loop, self.server.tasks)
 
     async def _ending_on_failure(self, steps: Coroutine[Any, Any, None]) -> None:
         """The connection's steps after the limits; a drop or a fault ends it, as in Connection.run."""
@@ -301,7 +301,7 @@ class TLSConnection(Connection):
         if command in (b"y", b"Y"):
             from ucspi.server.connection import start_eagerly
 
-            start_eagerly(self._starttls(command == b"Y"), self.server.loop, self.server._tasks)
+            start_eagerly(self._starttls(command == b"Y"), self.server.loop, self.server.tasks)
             return
         if command:
             self.server.log.emit(Dropped(b"unknown UCSPI-TLS command " + _printable(command), b"tls", self.client_ip()))
