@@ -10,6 +10,9 @@ after the limits, on the plain socket).
 
 The path is a coroutine started eagerly (start_eagerly): with no banner left to send and no
 lookups, it runs to its end on the accepting call's stack, without a task or a loop round trip.
+Where the options leave nothing to wait for before the rules (no PROXY header, banner or
+lookup), Connection.start takes the same steps without making the coroutine at all; both end
+in Connection._decided (rules -> limits -> program).
 """
 
 from __future__ import annotations
