@@ -89,6 +89,8 @@ STEPS = [
     ("ucspi.server.connection:Connection.program_ended", ["-HRl0"]),
     ("ucspi.server.connection:Connection._banner", ["-HRl0", "-B", "hello "]),
     ("ucspi.server.log:ClassicFormat.format", ["-HRl0"]),
+    # A connection that cannot even be made: its slot and descriptor are still given back.
+    ("ucspi.server.connection:Connection.__init__", ["-HRl0"]),
 ]
 if FALLBACK:  # Python's threads spawn, a SIGCHLD round reaps
     STEPS += [
