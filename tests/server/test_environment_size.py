@@ -27,7 +27,8 @@ from serverproc import (
     tcp_changes,
 )
 
-from ucspi.server.spawn import Environment
+from ucspi.server.peer import Peer
+from ucspi.server.spawn import Environment, tcp_shape_and_values, tcp_variables
 
 HEAVY_CLIENT = "127.0.0.2"
 VARIABLE_COUNT = 10_000
@@ -129,3 +130,27 @@ def test_build_of_the_original_s_examples() -> None:
     assert environment.build([(b"A", None), (b"A", None)]) == [b"D=4", b"B=2", b"=e", b"C"]
     assert environment.build([(b"", b"x"), (b"C", None)]) == [b"A=1", b"B=2", b"A=3", b"C", b"D=4", b"=x"]
     assert environment.build([(b"D", b"5"), (b"D", b"6")]) == [b"A=1", b"B=2", b"A=3", b"C", b"=e", b"D=6"]
+
+
+@UNIT
+@given(
+    ipv6=st.booleans(),
+    scoped=st.booleans(),
+    local_host=st.none() | st.just(b"local.example"),
+    remote_host=st.none() | st.just(b"remote.example"),
+    remote_info=st.none() | st.just(b"joe"),
+)
+def test_the_prebuilt_tcp_shapes_give_what_tcp_variables_gives(
+    ipv6: bool, scoped: bool, local_host: bytes | None, remote_host: bytes | None, remote_info: bytes | None
+) -> None:
+    """tcpserver's path finds a client's shape among those made at import (tcp_shape_and_values):
+    for every kind of peer, the environment is the one its tcp_variables make."""
+    peer = Peer(
+        b"::1" if ipv6 else b"127.0.0.1", 25, local_host, b"::2" if ipv6 else b"127.0.0.2", 4321,
+        remote_host, remote_info, ipv6, b"127.0.0.2", b"lo" if ipv6 and scoped else None,
+    )  # fmt: skip
+    initial = [b"PROTO=old", b"TCPREMOTEHOST=stale", b"TCP6REMOTEINFO=stale", b"PATH=/bin"]
+    environment = Environment(initial)
+    expected = pathexec_environment(initial, tcp_variables(peer))
+    assert environment.build_from(*tcp_shape_and_values(peer)) == expected
+    assert environment.build_from(*tcp_shape_and_values(peer)) == expected  # the plan, kept
