@@ -312,10 +312,10 @@ class Server:
         self.slots_taken += taken
         self.accepted += taken
         if self._slots_watched or self.log.accepts:  # nothing is built for nobody
-            for index, client in enumerate(accepted):
+            for taken_then, client in enumerate(accepted, start=self.slots_taken - taken + 1):
                 if self.log.accepts:
-                    self._log_accept(*client, fixed_local, self.slots_taken - taken + index + 1)
-                self._slots_changed(self.slots_taken - taken + index + 1)
+                    self._log_accept(*client, fixed_local, taken_then)
+                self._slots_changed(taken_then)
         connection_class = self.connection_class
         for index, (fd, remote) in enumerate(accepted):
             try:

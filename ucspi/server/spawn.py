@@ -189,27 +189,6 @@ def _ipv6_values(peer: Peer) -> list[bytes | None]:
     return local
 
 
-def _shape(names: Sequence[bytes], values: Sequence[bytes | None]) -> tuple[tuple[bytes, bool], ...]:
-    return tuple([(name, value is None) for name, value in zip(names, values, strict=True)])
-
-
-# A client's TCP variables have one of a few shapes, by the facts it has: made once each, so
-# that a client's environment is found by its shape without one being built for it.
-# Key: (ipv6, scoped, no local host, no remote host, no remote info).
-_TCP_SHAPES = {
-    (ipv6, scoped, *missing): _shape(
-        (_SCOPED_IPV6_NAMES if scoped else _IPV6_NAMES) if ipv6 else _IPV4_NAMES,
-        (_ipv6_values if ipv6 else _ipv4_values)(
-            Peer(b"", 0, None if missing[0] else b"", b"", 0, None if missing[1] else b"", None if missing[2] else b"",
-                 ipv6, b"", b"" if scoped else None)
-        ),
-    )
-    for ipv6 in (False, True)
-    for scoped in ((False, True) if ipv6 else (False,))
-    for missing in itertools.product((False, True), repeat=3)
-}  # fmt: skip
-
-
 def tcp_shape_and_values(peer: Peer) -> tuple[tuple[tuple[bytes, bool], ...], list[bytes | None]]:
     """tcp_variables(peer) given apart, for Environment.build_from: the shape is one made already."""
     ipv6 = peer.ipv6
@@ -247,6 +226,22 @@ def tcp_variables(peer: Peer, relay: Relay | None = None) -> list[tuple[bytes, b
         return _ipv6_variables(peer) if peer.ipv6 else _ipv4_variables(peer)
     changes = _ipv6_variables(peer) if peer.ipv6 else _ipv4_variables(peer)
     return changes + proxy_variables(relay)
+
+
+# A client's TCP variables have one of a few shapes, by the facts it has: made once each, from
+# tcp_variables itself, so that a client's environment is found by its shape without one being
+# built for it. Key: (ipv6, scoped, no local host, no remote host, no remote info).
+_TCP_SHAPES = {
+    (ipv6, scoped, *missing): shape_and_values(
+        tcp_variables(
+            Peer(b"", 0, None if missing[0] else b"", b"", 0, None if missing[1] else b"", None if missing[2] else b"",
+                 ipv6, b"", b"" if scoped else None)
+        )
+    )[0]
+    for ipv6 in (False, True)
+    for scoped in ((False, True) if ipv6 else (False,))
+    for missing in itertools.product((False, True), repeat=3)
+}  # fmt: skip
 
 
 # systemd's hand-over to us alone (sd_listen_fds, sd_notify): a program that saw them could take

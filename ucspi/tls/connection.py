@@ -25,7 +25,7 @@ from ucspi.server.descriptors import DESCRIPTORS, SHORTAGE_ERRORS
 from ucspi.server.limits import Refusal
 from ucspi.server.log import Dropped, TLSAccepted, TLSFailed, TLSTruncated
 from ucspi.server.peer import Peer, Relay
-from ucspi.server.spawn import tcp_variables
+from ucspi.server.spawn import proxy_variables, tcp_variables
 from ucspi.tls.context import TLSSetup, certificate_variables
 from ucspi.tls.options import CLIENT_CERT_MATCH
 from ucspi.tls.relay import HandshakeFailed, TLSSession
@@ -181,7 +181,7 @@ class TLSConnection(Connection):
         if options.tcp_variables:
             changes += [change for change in tcp_variables(peer, relay) if change[0] != b"PROTO"]
         elif relay is not None:
-            changes += [change for change in tcp_variables(peer, relay)[len(tcp_variables(peer)) :]]
+            changes += proxy_variables(relay)
         changes += limit_variables
         self._changes = changes
         self._rule_variables = rule_variables
